@@ -1,0 +1,910 @@
+//! The sans-IO protocol engine: one connection's protocol state, with no sockets and no clock.
+//!
+//! Bytes go in with [`Engine::feed`]; frames to send accumulate in an output buffer that the
+//! driver takes with [`Engine::take_output`] and writes however it likes (one `write` per batch
+//! of calls, so many frames share a syscall). Everything the driver must act on comes out of
+//! [`Engine::poll_event`]: answers to our calls (carrying the driver's own token `T`, such as a
+//! oneshot sender or a JS promise), and calls or invocations from the peer, which the driver
+//! runs and answers with [`Engine::respond`] / [`Engine::respond_invoke`].
+//!
+//! Deadlines are plain state: the driver asks [`Engine::next_deadline`] when to wake up and
+//! calls [`Engine::expire`] then. The tokio driver and the Node addon drive this same type.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::error::{Error, ErrorType};
+use crate::frame::{begin_frame, finish_frame, FrameDecoder, DEFAULT_MAX_FRAME};
+use crate::message::{self, codes, Message, Payload, RequestId};
+
+/// Limits and settings of one connection's engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The largest frame body accepted or sent, in bytes. Default: 16 MiB.
+    pub max_frame: usize,
+    /// Whether a cancelled or timed-out call sends `cancel` to the peer. Default: true.
+    pub send_cancel: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_frame: DEFAULT_MAX_FRAME,
+            send_cancel: true,
+        }
+    }
+}
+
+/// A call's deadline: when it expires, and the timeout it was made with (for the error).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// When the call fails with [`Error::Timeout`].
+    pub at: Instant,
+    /// The timeout that was asked for.
+    pub timeout: Duration,
+}
+
+impl Deadline {
+    /// A deadline `timeout` from now.
+    pub fn after(timeout: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now() + timeout,
+            timeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Call,
+    Invoke,
+}
+
+struct Pending<T> {
+    token: T,
+    kind: Kind,
+    deadline: Option<Deadline>,
+}
+
+/// How to answer an incoming `invoke_handler`; pass it back to [`Engine::respond_invoke`].
+#[derive(Debug)]
+pub struct InvokeReply {
+    handler_id: String,
+    request_id: Option<RequestId>,
+    /// For invocations without a request_id: the slot in the in-order reply queue.
+    seq: Option<u64>,
+}
+
+impl InvokeReply {
+    /// The invoked handler's id.
+    pub fn handler_id(&self) -> &str {
+        &self.handler_id
+    }
+}
+
+/// The answer to an incoming `invoke_handler`.
+#[derive(Debug, Clone, Copy)]
+pub enum InvokeOutcome<'a> {
+    /// `handler_response`.
+    Response {
+        /// HTTP status.
+        status: u16,
+        /// MessagePack map of headers.
+        headers: &'a [u8],
+        /// MessagePack body value.
+        body: &'a [u8],
+    },
+    /// `error`.
+    Error {
+        /// Like `HANDLER_NOT_FOUND` or `HANDLER_EXECUTION_ERROR`.
+        code: &'a str,
+        /// A human-readable message.
+        message: &'a str,
+        /// HTTP-like status.
+        status: u16,
+    },
+}
+
+/// Something the driver must act on.
+#[derive(Debug)]
+pub enum Event<T> {
+    /// One of our calls or invocations ended. Invocations resolve to the MessagePack map
+    /// `{status, headers, body}`.
+    Settled {
+        /// The token given when the call was made.
+        token: T,
+        /// The result value, or why there is none.
+        result: Result<Payload, Error>,
+    },
+    /// The peer calls one of our functions; answer with [`Engine::respond`].
+    Call {
+        /// Echo this in the answer.
+        request_id: RequestId,
+        /// The function's name.
+        function_name: String,
+        /// Its argument.
+        params: Payload,
+    },
+    /// The peer invokes one of our route handlers; answer with [`Engine::respond_invoke`].
+    Invoke {
+        /// Where the answer goes.
+        reply: InvokeReply,
+        /// The request `{method, path, headers, query?, params?, body?}`.
+        request: Payload,
+    },
+    /// The peer no longer wants the answer to one of its calls (the handler may stop early;
+    /// an answer sent anyway is harmless).
+    Cancel {
+        /// The peer's id of the cancelled call.
+        request_id: RequestId,
+    },
+    /// The peer reported an error not tied to any call of ours (or sent us a bad message,
+    /// which the engine has already answered). For logging.
+    Warning(Error),
+    /// The stream can no longer be trusted (a length prefix over the limit). The engine has
+    /// queued an error frame for the peer; flush the output, then close the connection.
+    Fatal(Error),
+}
+
+#[derive(Debug, Clone)]
+enum Closed {
+    Local,
+    Lost(String),
+}
+
+/// One connection's protocol state. `T` is the driver's token for a pending call.
+pub struct Engine<T> {
+    config: EngineConfig,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+    next_id: u64,
+    pending: HashMap<u64, Pending<T>>,
+    /// Our invocations in send order, for peers that answer without echoing request_id.
+    invoke_order: VecDeque<u64>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// Encoded answers to the peer's id-less invocations, held until every earlier one is done.
+    ordered: VecDeque<Option<Vec<u8>>>,
+    ordered_base: u64,
+    events: VecDeque<Event<T>>,
+    failed: bool,
+    closed: Option<Closed>,
+}
+
+impl<T> Engine<T> {
+    /// A fresh engine.
+    pub fn new(config: EngineConfig) -> Self {
+        Engine {
+            decoder: FrameDecoder::new(config.max_frame),
+            config,
+            out: Vec::with_capacity(64 * 1024),
+            next_id: 1,
+            pending: HashMap::new(),
+            invoke_order: VecDeque::new(),
+            deadlines: BTreeSet::new(),
+            ordered: VecDeque::new(),
+            ordered_base: 0,
+            events: VecDeque::new(),
+            failed: false,
+            closed: None,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn closed_error(&self) -> Option<Error> {
+        self.closed.as_ref().map(|c| match c {
+            Closed::Local => Error::Closed,
+            Closed::Lost(why) => Error::ConnectionLost(why.clone()),
+        })
+    }
+
+    fn frame(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), Error> {
+        let at = begin_frame(&mut self.out);
+        write(&mut self.out);
+        finish_frame(&mut self.out, at, self.config.max_frame).map_err(|e| Error::FrameTooLarge {
+            len: e.len,
+            max: e.max,
+        })
+    }
+
+    /// Queues a protocol error frame. Not held to `max_frame`: it is small, and a peer that
+    /// must be told its frame was too big may have set a tiny limit.
+    fn error_frame(
+        &mut self,
+        code: &str,
+        message: &str,
+        status: u16,
+        request_id: Option<&RequestId>,
+    ) {
+        let at = begin_frame(&mut self.out);
+        message::encode_error(&mut self.out, code, message, status, None, request_id);
+        let _ = finish_frame(&mut self.out, at, usize::MAX);
+    }
+
+    fn register(&mut self, id: u64, kind: Kind, deadline: Option<Deadline>, token: T) {
+        if let Some(d) = deadline {
+            self.deadlines.insert((d.at, id));
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                token,
+                kind,
+                deadline,
+            },
+        );
+    }
+
+    /// Queues an `rpc_call`. Returns its id, or the error with the token given back.
+    pub fn call(
+        &mut self,
+        function_name: &str,
+        params: &[u8],
+        deadline: Option<Deadline>,
+        token: T,
+    ) -> Result<u64, (Error, T)> {
+        if let Some(e) = self.closed_error() {
+            return Err((e, token));
+        }
+        let id = self.next_id;
+        let rid = RequestId::Int(id);
+        if let Err(e) = self.frame(|out| message::encode_rpc_call(out, function_name, params, &rid))
+        {
+            return Err((e, token));
+        }
+        self.next_id += 1;
+        self.register(id, Kind::Call, deadline, token);
+        Ok(id)
+    }
+
+    /// Queues an `invoke_handler` (with a request_id). Returns its id, or the error with the
+    /// token given back.
+    pub fn invoke(
+        &mut self,
+        handler_id: &str,
+        request: &[u8],
+        deadline: Option<Deadline>,
+        token: T,
+    ) -> Result<u64, (Error, T)> {
+        if let Some(e) = self.closed_error() {
+            return Err((e, token));
+        }
+        let id = self.next_id;
+        let rid = RequestId::Int(id);
+        if let Err(e) =
+            self.frame(|out| message::encode_invoke_handler(out, handler_id, request, Some(&rid)))
+        {
+            return Err((e, token));
+        }
+        self.next_id += 1;
+        self.invoke_order.push_back(id);
+        self.register(id, Kind::Invoke, deadline, token);
+        Ok(id)
+    }
+
+    /// Queues a `health_check`.
+    pub fn health_check(&mut self) {
+        let _ = self.frame(|out| Message::HealthCheck.encode(out));
+    }
+
+    fn take_pending(&mut self, id: u64) -> Option<Pending<T>> {
+        let p = self.pending.remove(&id)?;
+        if let Some(d) = p.deadline {
+            self.deadlines.remove(&(d.at, id));
+        }
+        Some(p)
+    }
+
+    /// Forgets a pending call and returns its token (the driver settles it, usually with
+    /// [`Error::Cancelled`]). Tells the peer with `cancel` unless disabled in the config.
+    pub fn cancel(&mut self, id: u64) -> Option<T> {
+        let p = self.take_pending(id)?;
+        // An id-less answer may still come for an invocation: its place in `invoke_order`
+        // stays, so that answer is matched to it and dropped.
+        if self.config.send_cancel && self.closed.is_none() {
+            let _ = self.frame(|out| message::encode_cancel(out, &RequestId::Int(id)));
+        }
+        Some(p.token)
+    }
+
+    /// The number of our calls awaiting an answer.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The earliest deadline of a pending call.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Fails every call whose deadline is at or before `now` with [`Error::Timeout`]; the
+    /// results come out of [`Engine::poll_event`].
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(p) = self.pending.remove(&id) {
+                if self.config.send_cancel && self.closed.is_none() {
+                    let _ = self.frame(|out| message::encode_cancel(out, &RequestId::Int(id)));
+                }
+                let timeout = p.deadline.map(|d| d.timeout).unwrap_or_default();
+                self.events.push_back(Event::Settled {
+                    token: p.token,
+                    result: Err(Error::Timeout(timeout)),
+                });
+            }
+        }
+    }
+
+    /// Answers the peer's `rpc_call`: `Ok(result bytes)` or `Err((message, error_type))`.
+    pub fn respond(&mut self, request_id: &RequestId, result: Result<&[u8], (&str, &ErrorType)>) {
+        if self.closed.is_some() {
+            return;
+        }
+        let r = match result {
+            Ok(value) => self.frame(|out| message::encode_rpc_response(out, request_id, value)),
+            Err((msg, kind)) => {
+                self.frame(|out| message::encode_rpc_error(out, request_id, msg, kind.as_str()))
+            }
+        };
+        if let Err(e) = r {
+            let msg = format!("the answer could not be sent: {e}");
+            let _ = self.frame(|out| message::encode_rpc_error(out, request_id, &msg, "Internal"));
+        }
+    }
+
+    /// Answers the peer's `invoke_handler`. Answers to invocations without a request_id are
+    /// sent in the order the invocations arrived.
+    pub fn respond_invoke(&mut self, reply: InvokeReply, outcome: InvokeOutcome<'_>) {
+        if self.closed.is_some() {
+            return;
+        }
+        let rid = reply.request_id.as_ref();
+        let mut buf = Vec::new();
+        let encode = |out: &mut Vec<u8>, outcome: InvokeOutcome<'_>| match outcome {
+            InvokeOutcome::Response {
+                status,
+                headers,
+                body,
+            } => {
+                message::encode_handler_response(out, &reply.handler_id, status, headers, body, rid)
+            }
+            InvokeOutcome::Error {
+                code,
+                message,
+                status,
+            } => message::encode_error(out, code, message, status, None, rid),
+        };
+        let at = begin_frame(&mut buf);
+        encode(&mut buf, outcome);
+        if let Err(e) = finish_frame(&mut buf, at, self.config.max_frame) {
+            let msg = format!(
+                "the handler's response could not be sent: {}",
+                Error::FrameTooLarge {
+                    len: e.len,
+                    max: e.max
+                }
+            );
+            let at = begin_frame(&mut buf);
+            encode(
+                &mut buf,
+                InvokeOutcome::Error {
+                    code: codes::HANDLER_EXECUTION_ERROR,
+                    message: &msg,
+                    status: 500,
+                },
+            );
+            let _ = finish_frame(&mut buf, at, usize::MAX);
+        }
+        match reply.seq {
+            None => self.out.extend_from_slice(&buf),
+            Some(seq) => {
+                let Some(slot) = seq
+                    .checked_sub(self.ordered_base)
+                    .and_then(|i| self.ordered.get_mut(i as usize))
+                else {
+                    return;
+                };
+                *slot = Some(buf);
+                while let Some(Some(_)) = self.ordered.front() {
+                    let done = self.ordered.pop_front().flatten().unwrap_or_default();
+                    self.out.extend_from_slice(&done);
+                    self.ordered_base += 1;
+                }
+            }
+        }
+    }
+
+    /// Appends bytes read from the socket.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.decoder.extend(data);
+    }
+
+    /// The decoder's buffer, for drivers that read straight into it.
+    pub fn read_buffer(&mut self) -> &mut BytesMut {
+        self.decoder.buffer_mut()
+    }
+
+    /// Bytes received that do not yet form a whole frame.
+    pub fn buffered_input(&self) -> usize {
+        self.decoder.buffered()
+    }
+
+    /// Whether frames are waiting to be written.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Takes the frames waiting to be written, leaving `spare` (cleared) in their place so the
+    /// two buffers can be reused turn about.
+    pub fn take_output(&mut self, mut spare: Vec<u8>) -> Vec<u8> {
+        spare.clear();
+        std::mem::replace(&mut self.out, spare)
+    }
+
+    /// The next thing the driver must act on, decoding buffered frames as needed.
+    pub fn poll_event(&mut self) -> Option<Event<T>> {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                return Some(ev);
+            }
+            if self.failed {
+                return None;
+            }
+            let body = match self.decoder.next_frame() {
+                Ok(Some(body)) => body,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.failed = true;
+                    let msg = format!(
+                        "frame of {} bytes exceeds the limit of {} bytes",
+                        e.len, e.max
+                    );
+                    self.error_frame(codes::FRAME_TOO_LARGE, &msg, 413, None);
+                    return Some(Event::Fatal(Error::FrameTooLarge {
+                        len: e.len,
+                        max: e.max,
+                    }));
+                }
+            };
+            match message::decode(&body) {
+                Ok(msg) => {
+                    if let Some(ev) = self.on_message(msg) {
+                        return Some(ev);
+                    }
+                }
+                Err(e) => {
+                    if let Some(ev) = self.on_bad_message(e) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    fn settle(&mut self, id: u64, result: Result<Payload, Error>) -> Option<Event<T>> {
+        let p = self.take_pending(id)?;
+        if p.kind == Kind::Invoke {
+            if let Some(pos) = self.invoke_order.iter().position(|&x| x == id) {
+                self.invoke_order.remove(pos);
+            }
+        }
+        Some(Event::Settled {
+            token: p.token,
+            result,
+        })
+    }
+
+    /// An answer that names no request: it belongs to our oldest invocation.
+    fn settle_oldest_invoke(&mut self, result: Result<Payload, Error>) -> Option<Event<T>> {
+        let id = self.invoke_order.pop_front()?;
+        let p = self.take_pending(id)?;
+        Some(Event::Settled {
+            token: p.token,
+            result,
+        })
+    }
+
+    fn our_id(id: &RequestId) -> Option<u64> {
+        match id {
+            RequestId::Int(n) => Some(*n),
+            RequestId::Str(_) => None,
+        }
+    }
+
+    fn on_message(&mut self, msg: Message) -> Option<Event<T>> {
+        match msg {
+            Message::RpcCall {
+                function_name,
+                params,
+                request_id,
+            } => Some(Event::Call {
+                request_id,
+                function_name,
+                params,
+            }),
+            Message::InvokeHandler {
+                handler_id,
+                request,
+                request_id,
+            } => {
+                let seq = if request_id.is_none() {
+                    self.ordered.push_back(None);
+                    Some(self.ordered_base + self.ordered.len() as u64 - 1)
+                } else {
+                    None
+                };
+                Some(Event::Invoke {
+                    reply: InvokeReply {
+                        handler_id,
+                        request_id,
+                        seq,
+                    },
+                    request,
+                })
+            }
+            Message::RpcResponse { request_id, result } => {
+                self.settle(Self::our_id(&request_id)?, Ok(result))
+            }
+            Message::RpcError {
+                request_id,
+                error,
+                error_type,
+            } => self.settle(
+                Self::our_id(&request_id)?,
+                Err(Error::Remote {
+                    kind: ErrorType::parse(&error_type),
+                    message: error,
+                }),
+            ),
+            Message::HandlerResponse {
+                status,
+                headers,
+                body,
+                request_id,
+                ..
+            } => {
+                let result = Ok(message::handler_result(status, &headers, &body));
+                match request_id {
+                    Some(id) => self.settle(Self::our_id(&id)?, result),
+                    None => self.settle_oldest_invoke(result),
+                }
+            }
+            Message::Error {
+                code,
+                message,
+                status,
+                request_id,
+                ..
+            } => {
+                let err = Error::Peer {
+                    code,
+                    message,
+                    status,
+                };
+                match request_id {
+                    Some(id) => match Self::our_id(&id).filter(|n| self.pending.contains_key(n)) {
+                        Some(n) => self.settle(n, Err(err)),
+                        None => Some(Event::Warning(err)),
+                    },
+                    None if !self.invoke_order.is_empty() => self.settle_oldest_invoke(Err(err)),
+                    None => Some(Event::Warning(err)),
+                }
+            }
+            Message::HealthCheck => {
+                let _ = self.frame(|out| Message::HealthCheckResponse.encode(out));
+                None
+            }
+            Message::HealthCheckResponse => None,
+            Message::Cancel { request_id } => Some(Event::Cancel { request_id }),
+        }
+    }
+
+    fn on_bad_message(&mut self, e: message::DecodeError) -> Option<Event<T>> {
+        let is_answer = matches!(
+            e.message_type.as_deref(),
+            Some("rpc_response" | "rpc_error" | "handler_response" | "error")
+        );
+        if is_answer {
+            // A malformed answer to one of our calls still ends that call.
+            let id = e.request_id.as_ref().and_then(Self::our_id);
+            if let Some(ev) =
+                id.and_then(|id| self.settle(id, Err(Error::Protocol(e.message.clone()))))
+            {
+                return Some(ev);
+            }
+        }
+        if e.message_type.as_deref() != Some("error") {
+            // Never answer an error with an error: two confused peers would loop forever.
+            self.error_frame(e.code(), &e.message, 400, e.request_id.as_ref());
+        }
+        Some(Event::Warning(Error::Protocol(e.message)))
+    }
+
+    /// Marks the connection closed and gives back every pending call's token with the error
+    /// to settle it with: [`Error::Closed`] when `lost` is `None`, else
+    /// [`Error::ConnectionLost`]. Later calls fail the same way.
+    pub fn close(&mut self, lost: Option<String>) -> Vec<(T, Error)> {
+        if self.closed.is_none() {
+            self.closed = Some(match lost {
+                None => Closed::Local,
+                Some(why) => Closed::Lost(why),
+            });
+        }
+        self.deadlines.clear();
+        self.invoke_order.clear();
+        let mut out: Vec<(T, Error)> = self
+            .events
+            .drain(..)
+            .filter_map(|ev| match ev {
+                Event::Settled {
+                    token,
+                    result: Err(e),
+                } => Some((token, e)),
+                _ => None,
+            })
+            .collect();
+        let err = self.closed_error().expect("closed");
+        let mut ids: Vec<u64> = self.pending.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(p) = self.pending.remove(&id) {
+                out.push((p.token, clone_close(&err)));
+            }
+        }
+        out
+    }
+
+    /// Whether [`Engine::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+}
+
+fn clone_close(e: &Error) -> Error {
+    match e {
+        Error::ConnectionLost(s) => Error::ConnectionLost(s.clone()),
+        _ => Error::Closed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::decode;
+
+    fn frames(bytes: &[u8]) -> Vec<Message> {
+        let mut d = FrameDecoder::new(usize::MAX);
+        d.extend(bytes);
+        let mut v = Vec::new();
+        while let Some(f) = d.next_frame().unwrap() {
+            v.push(decode(&f).unwrap());
+        }
+        v
+    }
+
+    fn wire(m: Message) -> Vec<u8> {
+        m.to_frame()
+    }
+
+    #[test]
+    fn calls_settle_out_of_order_and_by_id() {
+        let mut e: Engine<&str> = Engine::new(EngineConfig::default());
+        let a = e.call("a", &[0xc0], None, "A").unwrap();
+        let b = e.call("b", &[0x01], None, "B").unwrap();
+        assert_eq!(frames(&e.take_output(Vec::new())).len(), 2);
+        e.feed(&wire(Message::RpcResponse {
+            request_id: b.into(),
+            result: Payload::nil(),
+        }));
+        e.feed(&wire(Message::RpcError {
+            request_id: a.into(),
+            error: "x".into(),
+            error_type: "NotFound".into(),
+        }));
+        let Some(Event::Settled {
+            token: "B",
+            result: Ok(_),
+        }) = e.poll_event()
+        else {
+            panic!()
+        };
+        let Some(Event::Settled {
+            token: "A",
+            result: Err(err),
+        }) = e.poll_event()
+        else {
+            panic!()
+        };
+        assert_eq!(err.code(), "ERR_FERRY_NOT_FOUND");
+        assert!(e.poll_event().is_none());
+        assert_eq!(e.pending_len(), 0);
+    }
+
+    #[test]
+    fn deadlines_expire_and_send_cancel() {
+        let mut e: Engine<u8> = Engine::new(EngineConfig::default());
+        let now = Instant::now();
+        let d = |ms| {
+            Some(Deadline {
+                at: now + Duration::from_millis(ms),
+                timeout: Duration::from_millis(ms),
+            })
+        };
+        e.call("slow", &[0xc0], d(10), 1).unwrap();
+        e.call("slower", &[0xc0], d(20), 2).unwrap();
+        e.take_output(Vec::new());
+        assert_eq!(e.next_deadline(), Some(now + Duration::from_millis(10)));
+        e.expire(now + Duration::from_millis(15));
+        let Some(Event::Settled {
+            token: 1,
+            result: Err(Error::Timeout(_)),
+        }) = e.poll_event()
+        else {
+            panic!()
+        };
+        assert!(e.poll_event().is_none());
+        assert_eq!(
+            frames(&e.take_output(Vec::new())),
+            vec![Message::Cancel {
+                request_id: 1.into()
+            }]
+        );
+        // A late answer to the expired call is ignored.
+        e.feed(&wire(Message::RpcResponse {
+            request_id: 1.into(),
+            result: Payload::nil(),
+        }));
+        assert!(e.poll_event().is_none());
+        assert_eq!(e.pending_len(), 1);
+    }
+
+    #[test]
+    fn idless_invocations_are_answered_in_order() {
+        let mut e: Engine<()> = Engine::new(EngineConfig::default());
+        for _ in 0..2 {
+            e.feed(&wire(Message::InvokeHandler {
+                handler_id: "h".into(),
+                request: Payload::nil(),
+                request_id: None,
+            }));
+        }
+        let Some(Event::Invoke { reply: first, .. }) = e.poll_event() else {
+            panic!()
+        };
+        let Some(Event::Invoke { reply: second, .. }) = e.poll_event() else {
+            panic!()
+        };
+        e.respond_invoke(
+            second,
+            InvokeOutcome::Response {
+                status: 202,
+                headers: &[0x80],
+                body: &[0xc0],
+            },
+        );
+        assert!(!e.has_output(), "must wait for the first answer");
+        e.respond_invoke(
+            first,
+            InvokeOutcome::Error {
+                code: "HANDLER_EXECUTION_ERROR",
+                message: "boom",
+                status: 500,
+            },
+        );
+        let out = frames(&e.take_output(Vec::new()));
+        assert!(matches!(out[0], Message::Error { .. }));
+        assert!(matches!(
+            out[1],
+            Message::HandlerResponse { status: 202, .. }
+        ));
+    }
+
+    #[test]
+    fn idless_answers_match_oldest_invocation() {
+        let mut e: Engine<u8> = Engine::new(EngineConfig::default());
+        e.invoke("h1", &[0x80], None, 1).unwrap();
+        e.invoke("h2", &[0x80], None, 2).unwrap();
+        let hr = |status| Message::HandlerResponse {
+            handler_id: "h".into(),
+            status,
+            headers: Payload::nil(),
+            body: Payload::nil(),
+            request_id: None,
+        };
+        e.feed(&wire(hr(200)));
+        e.feed(&wire(Message::Error {
+            code: "HANDLER_NOT_FOUND".into(),
+            message: "m".into(),
+            status: 404,
+            digest: None,
+            request_id: None,
+        }));
+        let Some(Event::Settled {
+            token: 1,
+            result: Ok(p),
+        }) = e.poll_event()
+        else {
+            panic!()
+        };
+        assert_eq!(p.to_value()["status"], rmpv::Value::from(200));
+        let Some(Event::Settled {
+            token: 2,
+            result: Err(err),
+        }) = e.poll_event()
+        else {
+            panic!()
+        };
+        assert_eq!(err.code(), "ERR_FERRY_NOT_FOUND");
+    }
+
+    #[test]
+    fn bad_messages_get_error_replies_and_the_stream_goes_on() {
+        let mut e: Engine<()> = Engine::new(EngineConfig::default());
+        e.feed(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]);
+        e.feed(&wire(Message::HealthCheck));
+        e.feed(br#"{"type":"what"}"#.len().to_be_bytes()[4..].as_ref());
+        e.feed(br#"{"type":"what"}"#);
+        assert!(matches!(e.poll_event(), Some(Event::Warning(_))));
+        assert!(matches!(e.poll_event(), Some(Event::Warning(_))));
+        assert!(e.poll_event().is_none());
+        let out = frames(&e.take_output(Vec::new()));
+        let codes: Vec<_> = out
+            .iter()
+            .map(|m| match m {
+                Message::Error { code, .. } => code.as_str(),
+                Message::HealthCheckResponse => "pong",
+                _ => "?",
+            })
+            .collect();
+        assert_eq!(codes, ["BAD_MESSAGE", "pong", "UNKNOWN_MESSAGE_TYPE"]);
+    }
+
+    #[test]
+    fn oversized_frame_is_fatal() {
+        let mut e: Engine<()> = Engine::new(EngineConfig {
+            max_frame: 8,
+            ..Default::default()
+        });
+        e.feed(&100u32.to_be_bytes());
+        assert!(matches!(
+            e.poll_event(),
+            Some(Event::Fatal(Error::FrameTooLarge { len: 100, max: 8 }))
+        ));
+        assert!(e.poll_event().is_none());
+        assert!(e.has_output());
+        let big = vec![0xc0; 9];
+        let Err((Error::FrameTooLarge { .. }, ())) = e.call("f", &big, None, ()) else {
+            panic!()
+        };
+    }
+
+    #[test]
+    fn close_settles_everything() {
+        let mut e: Engine<u8> = Engine::new(EngineConfig::default());
+        e.call(
+            "a",
+            &[0xc0],
+            Some(Deadline::after(Duration::from_secs(1))),
+            1,
+        )
+        .unwrap();
+        e.invoke("h", &[0x80], None, 2).unwrap();
+        let settled = e.close(Some("peer hung up".into()));
+        assert_eq!(settled.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [1, 2]);
+        assert!(settled
+            .iter()
+            .all(|(_, e)| e.code() == "ERR_FERRY_CONNECTION_LOST"));
+        assert_eq!(e.next_deadline(), None);
+        let Err((Error::ConnectionLost(_), 3)) = e.call("b", &[0xc0], None, 3) else {
+            panic!()
+        };
+    }
+}

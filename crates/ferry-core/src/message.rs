@@ -1,0 +1,1002 @@
+//! The wire messages and their codec (see docs/protocol.md).
+//!
+//! A frame body is a MessagePack map with string keys and a snake_case `type`, or a UTF-8 JSON
+//! object when its first byte is `{`. Values that the protocol does not interpret (`params`,
+//! `result`, `request`, `headers`, `body`) are kept as [`Payload`]: the exact MessagePack bytes
+//! of that value, sliced out of the frame without copying or re-encoding. Decoding is
+//! hand-written over the MessagePack markers so that an envelope costs one pass and no
+//! allocation beyond its strings; unknown keys are skipped, so peers may add fields.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+
+/// A call's id: a string or an unsigned integer, echoed back exactly as received.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RequestId {
+    /// An unsigned integer id (what Ferry itself sends).
+    Int(u64),
+    /// A string id (what ZapJS sends, like `"req_1732000000000_0"`).
+    Str(String),
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestId::Int(n) => write!(f, "{n}"),
+            RequestId::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<u64> for RequestId {
+    fn from(n: u64) -> Self {
+        RequestId::Int(n)
+    }
+}
+
+impl From<&str> for RequestId {
+    fn from(s: &str) -> Self {
+        RequestId::Str(s.to_owned())
+    }
+}
+
+/// The MessagePack encoding of exactly one value, as it travels on the wire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload(Bytes);
+
+const NIL: &[u8] = &[0xc0];
+
+impl Payload {
+    /// The nil value (what absent params mean).
+    pub fn nil() -> Payload {
+        Payload(Bytes::from_static(NIL))
+    }
+
+    /// Wraps MessagePack bytes after checking that they hold exactly one well-formed value.
+    pub fn from_msgpack(bytes: impl Into<Bytes>) -> Result<Payload, DecodeError> {
+        let bytes = bytes.into();
+        let mut r = Reader::new(&bytes);
+        r.skip_value()?;
+        if r.pos != bytes.len() {
+            return Err(DecodeError::bad("trailing bytes after the value"));
+        }
+        Ok(Payload(bytes))
+    }
+
+    /// Encodes a serde value (structs as maps with named fields).
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Payload, crate::Error> {
+        rmp_serde::to_vec_named(value)
+            .map(|v| Payload(v.into()))
+            .map_err(|e| crate::Error::Encode(e.to_string()))
+    }
+
+    /// Decodes into a serde type.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(&self.0)
+    }
+
+    /// Decodes into a dynamic MessagePack value.
+    pub fn to_value(&self) -> rmpv::Value {
+        // The bytes were validated (or produced by an encoder), so reading cannot fail short
+        // of a nesting depth beyond rmpv's limit; that degrades to nil rather than panicking.
+        rmpv::decode::read_value(&mut &self.0[..]).unwrap_or(rmpv::Value::Nil)
+    }
+
+    /// Encodes a dynamic MessagePack value.
+    pub fn from_value(value: &rmpv::Value) -> Payload {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, value).expect("writing to a Vec cannot fail");
+        Payload(out.into())
+    }
+
+    /// The raw MessagePack bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The raw MessagePack bytes, shared.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// Whether this is the nil value.
+    pub fn is_nil(&self) -> bool {
+        &self.0[..] == NIL
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({})", self.to_value())
+    }
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Call a function registered on the peer.
+    RpcCall {
+        /// The registered name.
+        function_name: String,
+        /// The argument (nil when absent).
+        params: Payload,
+        /// Unique among the sender's pending calls.
+        request_id: RequestId,
+    },
+    /// A call's successful answer.
+    RpcResponse {
+        /// The call's id, as received.
+        request_id: RequestId,
+        /// The function's return value.
+        result: Payload,
+    },
+    /// A call's failed answer.
+    RpcError {
+        /// The call's id, as received.
+        request_id: RequestId,
+        /// A human-readable message.
+        error: String,
+        /// `NotFound`, `InvalidParams`, `HandlerError`, `Internal`, or a peer's own type.
+        error_type: String,
+    },
+    /// Run an HTTP-like route handler on the peer (ZapJS's route dispatch).
+    InvokeHandler {
+        /// The handler's id, like `api_users_get`.
+        handler_id: String,
+        /// `{method, path, headers, query?, params?, body?}`.
+        request: Payload,
+        /// Ferry's extension: lets several invocations be in flight. Absent means the answer
+        /// comes in order.
+        request_id: Option<RequestId>,
+    },
+    /// A route handler's answer.
+    HandlerResponse {
+        /// The handler's id.
+        handler_id: String,
+        /// HTTP status.
+        status: u16,
+        /// A map of header names to values.
+        headers: Payload,
+        /// The response body (usually a string).
+        body: Payload,
+        /// Echoes the invocation's id when it had one.
+        request_id: Option<RequestId>,
+    },
+    /// A failure not expressed as `rpc_error`: a failed invocation, or a protocol complaint.
+    Error {
+        /// Like `HANDLER_NOT_FOUND`, `HANDLER_EXECUTION_ERROR`, `BAD_MESSAGE`.
+        code: String,
+        /// A human-readable message.
+        message: String,
+        /// An HTTP-like status.
+        status: u16,
+        /// An opaque id for correlating logs.
+        digest: Option<String>,
+        /// The id of the message this answers, when known.
+        request_id: Option<RequestId>,
+    },
+    /// Liveness probe.
+    HealthCheck,
+    /// Answer to [`Message::HealthCheck`].
+    HealthCheckResponse,
+    /// Ferry's extension: the sender no longer wants the answer to this call.
+    Cancel {
+        /// The cancelled call's id.
+        request_id: RequestId,
+    },
+}
+
+/// Error codes of the `error` message that Ferry itself sends.
+pub mod codes {
+    /// The `type` is not one this peer knows.
+    pub const UNKNOWN_MESSAGE_TYPE: &str = "UNKNOWN_MESSAGE_TYPE";
+    /// The body did not decode, or a required field was missing or of the wrong kind.
+    pub const BAD_MESSAGE: &str = "BAD_MESSAGE";
+    /// A length prefix above the receiver's limit; the receiver closes the connection.
+    pub const FRAME_TOO_LARGE: &str = "FRAME_TOO_LARGE";
+    /// No route handler with that id.
+    pub const HANDLER_NOT_FOUND: &str = "HANDLER_NOT_FOUND";
+    /// The route handler failed.
+    pub const HANDLER_EXECUTION_ERROR: &str = "HANDLER_EXECUTION_ERROR";
+}
+
+/// Why a frame body is not a message this side understands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    /// True when the body was well-formed but its `type` is unknown.
+    pub unknown_type: bool,
+    /// What was wrong.
+    pub message: String,
+    /// The message's `request_id`, when it could be read, so the answer can name it.
+    pub request_id: Option<RequestId>,
+    /// The message's `type`, when it could be read.
+    pub message_type: Option<String>,
+}
+
+impl DecodeError {
+    fn bad(message: impl Into<String>) -> DecodeError {
+        DecodeError {
+            unknown_type: false,
+            message: message.into(),
+            request_id: None,
+            message_type: None,
+        }
+    }
+
+    /// The `error` code to answer with: `UNKNOWN_MESSAGE_TYPE` or `BAD_MESSAGE`.
+    pub fn code(&self) -> &'static str {
+        if self.unknown_type {
+            codes::UNKNOWN_MESSAGE_TYPE
+        } else {
+            codes::BAD_MESSAGE
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+type DResult<T> = Result<T, DecodeError>;
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn eof() -> DecodeError {
+        DecodeError::bad("MessagePack body is truncated")
+    }
+
+    fn u8(&mut self) -> DResult<u8> {
+        let b = *self.buf.get(self.pos).ok_or_else(Self::eof)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn take(&mut self, n: usize) -> DResult<&'a [u8]> {
+        let end = self.pos.checked_add(n).ok_or_else(Self::eof)?;
+        let s = self.buf.get(self.pos..end).ok_or_else(Self::eof)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn be(&mut self, n: usize) -> DResult<u64> {
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | b as u64))
+    }
+
+    fn peek(&self) -> DResult<u8> {
+        self.buf.get(self.pos).copied().ok_or_else(Self::eof)
+    }
+
+    fn map_len(&mut self) -> DResult<usize> {
+        match self.u8()? {
+            m @ 0x80..=0x8f => Ok((m & 0x0f) as usize),
+            0xde => Ok(self.be(2)? as usize),
+            0xdf => Ok(self.be(4)? as usize),
+            _ => Err(DecodeError::bad("message body is not a map")),
+        }
+    }
+
+    /// A string, or `None` (with nothing consumed) when the next value is not one.
+    fn try_str(&mut self) -> DResult<Option<&'a str>> {
+        let len = match self.peek()? {
+            m @ 0xa0..=0xbf => {
+                self.pos += 1;
+                (m & 0x1f) as usize
+            }
+            0xd9 => {
+                self.pos += 1;
+                self.be(1)? as usize
+            }
+            0xda => {
+                self.pos += 1;
+                self.be(2)? as usize
+            }
+            0xdb => {
+                self.pos += 1;
+                self.be(4)? as usize
+            }
+            _ => return Ok(None),
+        };
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| DecodeError::bad("string is not valid UTF-8"))
+    }
+
+    /// A non-negative integer, or `None` (nothing consumed) when the next value is not one.
+    fn try_uint(&mut self) -> DResult<Option<u64>> {
+        let m = self.peek()?;
+        let v = match m {
+            0x00..=0x7f => {
+                self.pos += 1;
+                m as i128
+            }
+            0xcc..=0xcf => {
+                self.pos += 1;
+                self.be(1 << (m - 0xcc))? as i128
+            }
+            0xd0..=0xd3 => {
+                self.pos += 1;
+                let n = 1usize << (m - 0xd0);
+                let raw = self.be(n)?;
+                let shift = 64 - 8 * n as u32;
+                (((raw << shift) as i64) >> shift) as i128
+            }
+            _ => return Ok(None),
+        };
+        Ok(u64::try_from(v).ok())
+    }
+
+    fn is_nil(&mut self) -> DResult<bool> {
+        if self.peek()? == 0xc0 {
+            self.pos += 1;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Skips one value without recursion; the count of values still to skip can never
+    /// exceed the bytes left, which bounds the work for hostile lengths.
+    fn skip_value(&mut self) -> DResult<()> {
+        let mut remaining: u64 = 1;
+        while remaining > 0 {
+            remaining -= 1;
+            let m = self.u8()?;
+            let (skip, children): (u64, u64) = match m {
+                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+                0x80..=0x8f => (0, 2 * (m & 0x0f) as u64),
+                0x90..=0x9f => (0, (m & 0x0f) as u64),
+                0xa0..=0xbf => ((m & 0x1f) as u64, 0),
+                0xc1 => return Err(DecodeError::bad("invalid MessagePack marker 0xc1")),
+                0xc4 | 0xd9 => (self.be(1)?, 0),
+                0xc5 | 0xda => (self.be(2)?, 0),
+                0xc6 | 0xdb => (self.be(4)?, 0),
+                0xc7 => (self.be(1)? + 1, 0),
+                0xc8 => (self.be(2)? + 1, 0),
+                0xc9 => (self.be(4)? + 1, 0),
+                0xca => (4, 0),
+                0xcb => (8, 0),
+                0xcc..=0xcf => (1 << (m - 0xcc), 0),
+                0xd0..=0xd3 => (1 << (m - 0xd0), 0),
+                0xd4..=0xd8 => (1 + (1 << (m - 0xd4)), 0),
+                0xdc => (0, self.be(2)?),
+                0xdd => (0, self.be(4)?),
+                0xde => (0, 2 * self.be(2)?),
+                0xdf => (0, 2 * self.be(4)?),
+            };
+            self.take(usize::try_from(skip).map_err(|_| Self::eof())?)?;
+            remaining += children;
+            if remaining > (self.buf.len() - self.pos) as u64 {
+                return Err(Self::eof());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    ty: Option<String>,
+    function_name: Option<String>,
+    handler_id: Option<String>,
+    error: Option<String>,
+    error_type: Option<String>,
+    code: Option<String>,
+    message: Option<String>,
+    digest: Option<String>,
+    request_id: Option<RequestId>,
+    params: Option<Payload>,
+    result: Option<Payload>,
+    request: Option<Payload>,
+    headers: Option<Payload>,
+    body: Option<Payload>,
+    status: Option<u64>,
+}
+
+fn wrong(key: &str, want: &str) -> DecodeError {
+    DecodeError::bad(format!("field `{key}` must be {want}"))
+}
+
+/// Decodes one frame body (MessagePack, or JSON when it starts with `{`).
+pub fn decode(body: &Bytes) -> Result<Message, DecodeError> {
+    let fields = if body.first() == Some(&b'{') {
+        json_fields(body)?
+    } else {
+        msgpack_fields(body)?
+    };
+    fields.into_message()
+}
+
+fn msgpack_fields(body: &Bytes) -> DResult<Fields> {
+    let mut r = Reader::new(body);
+    let n = r.map_len()?;
+    let mut f = Fields::default();
+    for _ in 0..n {
+        let key = r
+            .try_str()?
+            .ok_or_else(|| DecodeError::bad("map keys must be strings"))?;
+        let string = |r: &mut Reader<'_>| -> DResult<String> {
+            Ok(r.try_str()?
+                .ok_or_else(|| wrong(key, "a string"))?
+                .to_owned())
+        };
+        let opt_string = |r: &mut Reader<'_>| -> DResult<Option<String>> {
+            if r.is_nil()? {
+                Ok(None)
+            } else {
+                string(r).map(Some)
+            }
+        };
+        let raw = |r: &mut Reader<'_>| -> DResult<Payload> {
+            let start = r.pos;
+            r.skip_value()?;
+            Ok(Payload(body.slice(start..r.pos)))
+        };
+        match key {
+            "type" => f.ty = Some(string(&mut r)?),
+            "function_name" => f.function_name = Some(string(&mut r)?),
+            "handler_id" => f.handler_id = Some(string(&mut r)?),
+            "error" => f.error = Some(string(&mut r)?),
+            "error_type" => f.error_type = Some(string(&mut r)?),
+            "code" => f.code = Some(string(&mut r)?),
+            "message" => f.message = Some(string(&mut r)?),
+            "digest" => f.digest = opt_string(&mut r)?,
+            "request_id" => {
+                f.request_id = if r.is_nil()? {
+                    None
+                } else if let Some(s) = r.try_str()? {
+                    Some(RequestId::Str(s.to_owned()))
+                } else if let Some(n) = r.try_uint()? {
+                    Some(RequestId::Int(n))
+                } else {
+                    return Err(wrong(key, "a string or an unsigned integer"));
+                }
+            }
+            "status" => {
+                f.status = Some(
+                    r.try_uint()?
+                        .ok_or_else(|| wrong(key, "an unsigned integer"))?,
+                )
+            }
+            "params" => f.params = Some(raw(&mut r)?),
+            "result" => f.result = Some(raw(&mut r)?),
+            "request" => f.request = Some(raw(&mut r)?),
+            "headers" => f.headers = Some(raw(&mut r)?),
+            "body" => f.body = Some(raw(&mut r)?),
+            _ => r.skip_value()?,
+        }
+    }
+    if r.pos != body.len() {
+        return Err(DecodeError::bad("trailing bytes after the message map"));
+    }
+    Ok(f)
+}
+
+fn json_fields(body: &[u8]) -> DResult<Fields> {
+    use serde_json::Value as J;
+    let map: serde_json::Map<String, J> = serde_json::from_slice(body)
+        .map_err(|e| DecodeError::bad(format!("invalid JSON body: {e}")))?;
+    let mut f = Fields::default();
+    for (key, v) in map {
+        let string = |v: J| match v {
+            J::String(s) => Ok(s),
+            _ => Err(wrong(&key, "a string")),
+        };
+        let raw = |v: &J| {
+            rmp_serde::to_vec(v)
+                .map(|b| Payload(b.into()))
+                .map_err(|e| DecodeError::bad(e.to_string()))
+        };
+        match key.as_str() {
+            "type" => f.ty = Some(string(v)?),
+            "function_name" => f.function_name = Some(string(v)?),
+            "handler_id" => f.handler_id = Some(string(v)?),
+            "error" => f.error = Some(string(v)?),
+            "error_type" => f.error_type = Some(string(v)?),
+            "code" => f.code = Some(string(v)?),
+            "message" => f.message = Some(string(v)?),
+            "digest" => f.digest = if v.is_null() { None } else { Some(string(v)?) },
+            "request_id" => {
+                f.request_id = match v {
+                    J::Null => None,
+                    J::String(s) => Some(RequestId::Str(s)),
+                    J::Number(n) if n.as_u64().is_some() => n.as_u64().map(RequestId::Int),
+                    _ => return Err(wrong(&key, "a string or an unsigned integer")),
+                }
+            }
+            "status" => {
+                f.status = Some(
+                    v.as_u64()
+                        .ok_or_else(|| wrong(&key, "an unsigned integer"))?,
+                )
+            }
+            "params" => f.params = Some(raw(&v)?),
+            "result" => f.result = Some(raw(&v)?),
+            "request" => f.request = Some(raw(&v)?),
+            "headers" => f.headers = Some(raw(&v)?),
+            "body" => f.body = Some(raw(&v)?),
+            _ => {}
+        }
+    }
+    Ok(f)
+}
+
+impl Fields {
+    fn into_message(self) -> Result<Message, DecodeError> {
+        let request_id = self.request_id.clone();
+        let message_type = self.ty.clone();
+        self.build().map_err(|mut e| {
+            e.request_id = request_id;
+            e.message_type = message_type;
+            e
+        })
+    }
+
+    fn build(self) -> Result<Message, DecodeError> {
+        fn need<T>(v: Option<T>, ty: &str, key: &str) -> DResult<T> {
+            v.ok_or_else(|| DecodeError::bad(format!("`{ty}` message lacks `{key}`")))
+        }
+        let ty = self
+            .ty
+            .ok_or_else(|| DecodeError::bad("message lacks `type`"))?;
+        let t = ty.as_str();
+        let status = |s: Option<u64>| -> DResult<u16> {
+            u16::try_from(need(s, t, "status")?)
+                .map_err(|_| DecodeError::bad("`status` is out of range"))
+        };
+        Ok(match t {
+            "rpc_call" => Message::RpcCall {
+                function_name: need(self.function_name, t, "function_name")?,
+                params: self.params.unwrap_or_else(Payload::nil),
+                request_id: need(self.request_id, t, "request_id")?,
+            },
+            "rpc_response" => Message::RpcResponse {
+                request_id: need(self.request_id, t, "request_id")?,
+                result: self.result.unwrap_or_else(Payload::nil),
+            },
+            "rpc_error" => Message::RpcError {
+                request_id: need(self.request_id, t, "request_id")?,
+                error: need(self.error, t, "error")?,
+                error_type: self.error_type.unwrap_or_else(|| "Internal".to_owned()),
+            },
+            "invoke_handler" => Message::InvokeHandler {
+                handler_id: need(self.handler_id, t, "handler_id")?,
+                request: need(self.request, t, "request")?,
+                request_id: self.request_id,
+            },
+            "handler_response" => Message::HandlerResponse {
+                handler_id: need(self.handler_id, t, "handler_id")?,
+                status: status(self.status)?,
+                headers: self.headers.unwrap_or_else(Payload::nil),
+                body: self.body.unwrap_or_else(Payload::nil),
+                request_id: self.request_id,
+            },
+            "error" => Message::Error {
+                code: need(self.code, t, "code")?,
+                message: self.message.unwrap_or_default(),
+                status: self.status.map_or(Ok(500), |s| status(Some(s)))?,
+                digest: self.digest,
+                request_id: self.request_id,
+            },
+            "health_check" => Message::HealthCheck,
+            "health_check_response" => Message::HealthCheckResponse,
+            "cancel" => Message::Cancel {
+                request_id: need(self.request_id, t, "request_id")?,
+            },
+            other => {
+                return Err(DecodeError {
+                    unknown_type: true,
+                    message: format!("unknown message type `{other}`"),
+                    request_id: None,
+                    message_type: None,
+                })
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding: MessagePack maps with `type` first, written straight into the output buffer.
+
+fn w_map(out: &mut Vec<u8>, n: u32) {
+    rmp::encode::write_map_len(out, n).expect("Vec write");
+}
+
+fn w_str(out: &mut Vec<u8>, s: &str) {
+    rmp::encode::write_str(out, s).expect("Vec write");
+}
+
+fn w_uint(out: &mut Vec<u8>, n: u64) {
+    rmp::encode::write_uint(out, n).expect("Vec write");
+}
+
+fn w_id(out: &mut Vec<u8>, id: &RequestId) {
+    match id {
+        RequestId::Int(n) => w_uint(out, *n),
+        RequestId::Str(s) => w_str(out, s),
+    }
+}
+
+fn w_kv_str(out: &mut Vec<u8>, k: &str, v: &str) {
+    w_str(out, k);
+    w_str(out, v);
+}
+
+/// Writes an `rpc_call` body.
+pub fn encode_rpc_call(
+    out: &mut Vec<u8>,
+    function_name: &str,
+    params: &[u8],
+    request_id: &RequestId,
+) {
+    w_map(out, 4);
+    w_kv_str(out, "type", "rpc_call");
+    w_kv_str(out, "function_name", function_name);
+    w_str(out, "params");
+    out.extend_from_slice(params);
+    w_str(out, "request_id");
+    w_id(out, request_id);
+}
+
+/// Writes an `rpc_response` body.
+pub fn encode_rpc_response(out: &mut Vec<u8>, request_id: &RequestId, result: &[u8]) {
+    w_map(out, 3);
+    w_kv_str(out, "type", "rpc_response");
+    w_str(out, "request_id");
+    w_id(out, request_id);
+    w_str(out, "result");
+    out.extend_from_slice(result);
+}
+
+/// Writes an `rpc_error` body.
+pub fn encode_rpc_error(out: &mut Vec<u8>, request_id: &RequestId, error: &str, error_type: &str) {
+    w_map(out, 4);
+    w_kv_str(out, "type", "rpc_error");
+    w_str(out, "request_id");
+    w_id(out, request_id);
+    w_kv_str(out, "error", error);
+    w_kv_str(out, "error_type", error_type);
+}
+
+/// Writes an `invoke_handler` body.
+pub fn encode_invoke_handler(
+    out: &mut Vec<u8>,
+    handler_id: &str,
+    request: &[u8],
+    request_id: Option<&RequestId>,
+) {
+    w_map(out, 3 + request_id.is_some() as u32);
+    w_kv_str(out, "type", "invoke_handler");
+    w_kv_str(out, "handler_id", handler_id);
+    w_str(out, "request");
+    out.extend_from_slice(request);
+    if let Some(id) = request_id {
+        w_str(out, "request_id");
+        w_id(out, id);
+    }
+}
+
+/// Writes a `handler_response` body.
+pub fn encode_handler_response(
+    out: &mut Vec<u8>,
+    handler_id: &str,
+    status: u16,
+    headers: &[u8],
+    body: &[u8],
+    request_id: Option<&RequestId>,
+) {
+    w_map(out, 5 + request_id.is_some() as u32);
+    w_kv_str(out, "type", "handler_response");
+    w_kv_str(out, "handler_id", handler_id);
+    w_str(out, "status");
+    w_uint(out, status as u64);
+    w_str(out, "headers");
+    out.extend_from_slice(headers);
+    w_str(out, "body");
+    out.extend_from_slice(body);
+    if let Some(id) = request_id {
+        w_str(out, "request_id");
+        w_id(out, id);
+    }
+}
+
+/// Writes an `error` body.
+pub fn encode_error(
+    out: &mut Vec<u8>,
+    code: &str,
+    message: &str,
+    status: u16,
+    digest: Option<&str>,
+    request_id: Option<&RequestId>,
+) {
+    w_map(
+        out,
+        4 + digest.is_some() as u32 + request_id.is_some() as u32,
+    );
+    w_kv_str(out, "type", "error");
+    w_kv_str(out, "code", code);
+    w_kv_str(out, "message", message);
+    w_str(out, "status");
+    w_uint(out, status as u64);
+    if let Some(d) = digest {
+        w_kv_str(out, "digest", d);
+    }
+    if let Some(id) = request_id {
+        w_str(out, "request_id");
+        w_id(out, id);
+    }
+}
+
+fn encode_unit(out: &mut Vec<u8>, ty: &str) {
+    w_map(out, 1);
+    w_kv_str(out, "type", ty);
+}
+
+/// Writes a `cancel` body.
+pub fn encode_cancel(out: &mut Vec<u8>, request_id: &RequestId) {
+    w_map(out, 2);
+    w_kv_str(out, "type", "cancel");
+    w_str(out, "request_id");
+    w_id(out, request_id);
+}
+
+/// Builds the `{status, headers, body}` map that an answered `invoke_handler` resolves to.
+pub fn handler_result(status: u16, headers: &Payload, body: &Payload) -> Payload {
+    let mut out = Vec::with_capacity(32 + headers.0.len() + body.0.len());
+    w_map(&mut out, 3);
+    w_str(&mut out, "status");
+    w_uint(&mut out, status as u64);
+    w_str(&mut out, "headers");
+    out.extend_from_slice(&headers.0);
+    w_str(&mut out, "body");
+    out.extend_from_slice(&body.0);
+    Payload(out.into())
+}
+
+impl Message {
+    /// Appends this message's MessagePack body (no length prefix) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::RpcCall {
+                function_name,
+                params,
+                request_id,
+            } => encode_rpc_call(out, function_name, &params.0, request_id),
+            Message::RpcResponse { request_id, result } => {
+                encode_rpc_response(out, request_id, &result.0)
+            }
+            Message::RpcError {
+                request_id,
+                error,
+                error_type,
+            } => encode_rpc_error(out, request_id, error, error_type),
+            Message::InvokeHandler {
+                handler_id,
+                request,
+                request_id,
+            } => encode_invoke_handler(out, handler_id, &request.0, request_id.as_ref()),
+            Message::HandlerResponse {
+                handler_id,
+                status,
+                headers,
+                body,
+                request_id,
+            } => encode_handler_response(
+                out,
+                handler_id,
+                *status,
+                &headers.0,
+                &body.0,
+                request_id.as_ref(),
+            ),
+            Message::Error {
+                code,
+                message,
+                status,
+                digest,
+                request_id,
+            } => encode_error(
+                out,
+                code,
+                message,
+                *status,
+                digest.as_deref(),
+                request_id.as_ref(),
+            ),
+            Message::HealthCheck => encode_unit(out, "health_check"),
+            Message::HealthCheckResponse => encode_unit(out, "health_check_response"),
+            Message::Cancel { request_id } => encode_cancel(out, request_id),
+        }
+    }
+
+    /// This message as a complete frame (length prefix and body).
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let at = crate::frame::begin_frame(&mut out);
+        self.encode(&mut out);
+        crate::frame::finish_frame(&mut out, at, usize::MAX).expect("no limit");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    fn roundtrip(m: Message) {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        assert_eq!(decode(&out.into()).unwrap(), m);
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        let p = Payload::encode(&serde_json::json!({"a": 1, "b": [true, null, "x"]})).unwrap();
+        roundtrip(Message::RpcCall {
+            function_name: "add".into(),
+            params: p.clone(),
+            request_id: 7.into(),
+        });
+        roundtrip(Message::RpcResponse {
+            request_id: "req_1_0".into(),
+            result: p.clone(),
+        });
+        roundtrip(Message::RpcError {
+            request_id: 1.into(),
+            error: "no".into(),
+            error_type: "NotFound".into(),
+        });
+        roundtrip(Message::InvokeHandler {
+            handler_id: "h".into(),
+            request: p.clone(),
+            request_id: None,
+        });
+        roundtrip(Message::InvokeHandler {
+            handler_id: "h".into(),
+            request: p.clone(),
+            request_id: Some(3.into()),
+        });
+        roundtrip(Message::HandlerResponse {
+            handler_id: "h".into(),
+            status: 201,
+            headers: p.clone(),
+            body: Payload::encode("ok").unwrap(),
+            request_id: Some("x".into()),
+        });
+        roundtrip(Message::Error {
+            code: "BAD_MESSAGE".into(),
+            message: "m".into(),
+            status: 400,
+            digest: Some("d".into()),
+            request_id: None,
+        });
+        roundtrip(Message::HealthCheck);
+        roundtrip(Message::HealthCheckResponse);
+        roundtrip(Message::Cancel {
+            request_id: u64::MAX.into(),
+        });
+    }
+
+    #[test]
+    fn matches_rmp_serde_named_encoding() {
+        // What a serde-derived peer (like ZapJS's Rust side) writes must decode the same.
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum Zap {
+            RpcCall {
+                function_name: String,
+                params: serde_json::Value,
+                request_id: String,
+            },
+        }
+        let bytes = rmp_serde::to_vec_named(&Zap::RpcCall {
+            function_name: "f".into(),
+            params: serde_json::json!({"n": -3}),
+            request_id: "req_1732000000000_0".into(),
+        })
+        .unwrap();
+        let Message::RpcCall {
+            params, request_id, ..
+        } = decode(&bytes.into()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(request_id, RequestId::Str("req_1732000000000_0".into()));
+        #[derive(Deserialize, PartialEq, Debug)]
+        struct P {
+            n: i32,
+        }
+        assert_eq!(params.decode::<P>().unwrap(), P { n: -3 });
+    }
+
+    #[test]
+    fn json_bodies_decode() {
+        let body =
+            br#"{"type":"rpc_call","function_name":"add","params":{"a":2,"b":3},"request_id":42}"#;
+        let m = decode(&Bytes::from_static(body)).unwrap();
+        let Message::RpcCall {
+            function_name,
+            params,
+            request_id,
+        } = m
+        else {
+            panic!()
+        };
+        assert_eq!(function_name, "add");
+        assert_eq!(request_id, RequestId::Int(42));
+        assert_eq!(
+            params.decode::<serde_json::Value>().unwrap(),
+            serde_json::json!({"a":2,"b":3})
+        );
+    }
+
+    #[test]
+    fn absent_params_are_nil_and_unknown_keys_are_skipped() {
+        let body =
+            br#"{"type":"rpc_call","function_name":"f","request_id":"r","extra":[1,{"x":2}]}"#;
+        let Message::RpcCall { params, .. } = decode(&Bytes::from_static(body)).unwrap() else {
+            panic!()
+        };
+        assert!(params.is_nil());
+    }
+
+    #[test]
+    fn classifies_bad_bodies() {
+        let unknown =
+            decode(&Bytes::from_static(br#"{"type":"nope","request_id":5}"#)).unwrap_err();
+        assert!(unknown.unknown_type);
+        assert_eq!(unknown.request_id, Some(RequestId::Int(5)));
+        let missing = decode(&Bytes::from_static(
+            br#"{"type":"rpc_call","request_id":"a"}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(missing.code(), codes::BAD_MESSAGE);
+        assert_eq!(missing.request_id, Some("a".into()));
+        for garbage in [
+            &b""[..],
+            b"\xc1",
+            b"\x93\x01\x02",
+            b"\x82\xa4type",
+            b"{nope",
+            b"\xdf\xff\xff\xff\xff",
+        ] {
+            let e = decode(&Bytes::copy_from_slice(garbage)).unwrap_err();
+            assert!(!e.unknown_type, "{garbage:?}");
+        }
+        // A huge declared array inside params must fail fast, not loop.
+        let mut body = Vec::new();
+        w_map(&mut body, 2);
+        w_kv_str(&mut body, "type", "rpc_call");
+        w_str(&mut body, "params");
+        body.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        assert!(decode(&body.into()).is_err());
+    }
+
+    #[test]
+    fn payload_validation() {
+        assert!(Payload::from_msgpack(vec![0x92, 0x01]).is_err());
+        assert!(Payload::from_msgpack(vec![0x01, 0x02]).is_err());
+        assert!(Payload::from_msgpack(vec![0x92, 0x01, 0xc0]).is_ok());
+    }
+}

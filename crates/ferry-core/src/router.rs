@@ -1,0 +1,306 @@
+//! Named Rust functions that answer the peer's `rpc_call`s, and route handlers that answer its
+//! `invoke_handler`s.
+//!
+//! Register typed functions (`P: Deserialize`, `R: Serialize`) sync or async, or the raw form
+//! `Fn(String, Value) -> Result<Value, String>`. Params that do not decode into `P` are
+//! answered with `InvalidParams`; an `Err` from the function with `HandlerError` (or the
+//! [`ErrorType`] of a returned [`Rejection`]); a panic with `Internal` by the driver.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::ErrorType;
+use crate::message::{Payload, RequestId};
+use crate::rt::Connection;
+
+/// A dynamic MessagePack value, as the raw function form receives and returns it.
+pub use rmpv::Value;
+
+/// Why a function did not produce a result; becomes an `rpc_error` (or, for routes, an
+/// `error` message with `code`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// The wire `error_type`.
+    pub kind: ErrorType,
+    /// The message sent to the caller.
+    pub message: String,
+}
+
+impl Rejection {
+    /// A rejection of the given kind.
+    pub fn new(kind: ErrorType, message: impl Into<String>) -> Rejection {
+        Rejection {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// `HandlerError`: the function ran and failed.
+    pub fn handler(message: impl Display) -> Rejection {
+        Rejection::new(ErrorType::HandlerError, message.to_string())
+    }
+
+    /// `InvalidParams`: the arguments are wrong.
+    pub fn invalid_params(message: impl Display) -> Rejection {
+        Rejection::new(ErrorType::InvalidParams, message.to_string())
+    }
+}
+
+/// Errors a typed function may return: any `Display` error becomes `HandlerError`; return a
+/// [`Rejection`] to choose the type.
+pub trait IntoRejection {
+    /// The rejection sent to the caller.
+    fn into_rejection(self) -> Rejection;
+}
+
+impl IntoRejection for Rejection {
+    fn into_rejection(self) -> Rejection {
+        self
+    }
+}
+
+impl IntoRejection for String {
+    fn into_rejection(self) -> Rejection {
+        Rejection::handler(self)
+    }
+}
+
+impl IntoRejection for &str {
+    fn into_rejection(self) -> Rejection {
+        Rejection::handler(self)
+    }
+}
+
+impl IntoRejection for crate::Error {
+    fn into_rejection(self) -> Rejection {
+        Rejection::handler(self)
+    }
+}
+
+impl IntoRejection for std::io::Error {
+    fn into_rejection(self) -> Rejection {
+        Rejection::handler(self)
+    }
+}
+
+impl IntoRejection for std::convert::Infallible {
+    fn into_rejection(self) -> Rejection {
+        match self {}
+    }
+}
+
+/// What a handler knows about the call it serves.
+#[derive(Clone)]
+pub struct Context {
+    /// The connection the call arrived on: a handler may call the peer back on it.
+    pub connection: Connection,
+    /// The peer's id for this call (`None` for an id-less `invoke_handler`).
+    pub request_id: Option<RequestId>,
+}
+
+/// An HTTP-like request, as `invoke_handler` carries it (ZapJS's shape).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HttpRequest {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The request path.
+    pub path: String,
+    /// Header names to values.
+    #[serde(default)]
+    pub headers: HashMap<String, String>,
+    /// Query parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<HashMap<String, String>>,
+    /// Path parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<HashMap<String, String>>,
+    /// The body, if any (usually a string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+/// An HTTP-like response, as `handler_response` carries it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HttpResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Header names to values.
+    #[serde(default)]
+    pub headers: HashMap<String, String>,
+    /// The body (usually a string; nil when absent).
+    #[serde(default = "nil")]
+    pub body: Value,
+}
+
+fn nil() -> Value {
+    Value::Nil
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type CallFn = dyn Fn(Context, Payload) -> BoxFuture<Result<Payload, Rejection>> + Send + Sync;
+type RouteFn = dyn Fn(Context, Payload) -> BoxFuture<Result<HttpResponse, Rejection>> + Send + Sync;
+
+/// A table of functions and route handlers. Cheap to clone; build it before serving.
+#[derive(Clone, Default)]
+pub struct Router {
+    functions: HashMap<String, Arc<CallFn>>,
+    routes: HashMap<String, Arc<RouteFn>>,
+}
+
+fn decode_params<P: DeserializeOwned>(params: &Payload) -> Result<P, Rejection> {
+    params
+        .decode()
+        .map_err(|e| Rejection::invalid_params(format!("params do not match: {e}")))
+}
+
+fn encode_result<R: Serialize>(r: &R) -> Result<Payload, Rejection> {
+    Payload::encode(r).map_err(|e| Rejection::new(ErrorType::Internal, e.to_string()))
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new() -> Router {
+        Router::default()
+    }
+
+    /// Registers an async function that also receives the call's [`Context`].
+    pub fn async_fn_ctx<P, R, E, F, Fut>(mut self, name: &str, f: F) -> Router
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: IntoRejection + Send + 'static,
+        F: Fn(Context, P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        self.functions.insert(
+            name.to_owned(),
+            Arc::new(move |ctx, params: Payload| {
+                let f = f.clone();
+                Box::pin(async move {
+                    let p = decode_params::<P>(&params)?;
+                    let r = f(ctx, p).await.map_err(IntoRejection::into_rejection)?;
+                    encode_result(&r)
+                })
+            }),
+        );
+        self
+    }
+
+    /// Registers an async function `async fn(P) -> Result<R, E>`.
+    pub fn async_fn<P, R, E, F, Fut>(self, name: &str, f: F) -> Router
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: IntoRejection + Send + 'static,
+        F: Fn(P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+    {
+        self.async_fn_ctx(name, move |_ctx, p| f(p))
+    }
+
+    /// Registers a sync function `fn(P) -> Result<R, E>`. It runs on a runtime thread: keep
+    /// it short, or use [`Router::async_fn`] with `spawn_blocking` for heavy work.
+    pub fn sync_fn<P, R, E, F>(mut self, name: &str, f: F) -> Router
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: IntoRejection + Send + 'static,
+        F: Fn(P) -> Result<R, E> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.functions.insert(
+            name.to_owned(),
+            Arc::new(move |_ctx, params: Payload| {
+                let r = decode_params::<P>(&params)
+                    .and_then(|p| f(p).map_err(IntoRejection::into_rejection))
+                    .and_then(|r| encode_result(&r));
+                Box::pin(std::future::ready(r))
+            }),
+        );
+        self
+    }
+
+    /// Registers a function in the raw form `Fn(name, params) -> Result<value, message>`;
+    /// errors become `HandlerError`.
+    pub fn raw_fn<F>(mut self, name: &str, f: F) -> Router
+    where
+        F: Fn(String, Value) -> Result<Value, String> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let owned = name.to_owned();
+        self.functions.insert(
+            name.to_owned(),
+            Arc::new(move |_ctx, params: Payload| {
+                let r = f(owned.clone(), params.to_value())
+                    .map(|v| Payload::from_value(&v))
+                    .map_err(Rejection::handler);
+                Box::pin(std::future::ready(r))
+            }),
+        );
+        self
+    }
+
+    /// Registers a route handler for `invoke_handler` with this `handler_id`. Its request is
+    /// decoded into `Req` (use [`HttpRequest`] for ZapJS's shape); a failed decode or an `Err`
+    /// is answered with `error {code: HANDLER_EXECUTION_ERROR}`.
+    pub fn route<Req, E, F, Fut>(mut self, handler_id: &str, f: F) -> Router
+    where
+        Req: DeserializeOwned + Send + 'static,
+        E: IntoRejection + Send + 'static,
+        F: Fn(Context, Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<HttpResponse, E>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        self.routes.insert(
+            handler_id.to_owned(),
+            Arc::new(move |ctx, request: Payload| {
+                let f = f.clone();
+                Box::pin(async move {
+                    let req = decode_params::<Req>(&request)?;
+                    f(ctx, req).await.map_err(IntoRejection::into_rejection)
+                })
+            }),
+        );
+        self
+    }
+
+    /// Whether a function of this name is registered.
+    pub fn has_function(&self, name: &str) -> bool {
+        self.functions.contains_key(name)
+    }
+
+    /// Runs the named function. The future is `'static` so drivers can spawn it.
+    pub fn dispatch(
+        &self,
+        ctx: Context,
+        name: &str,
+        params: Payload,
+    ) -> BoxFuture<Result<Payload, Rejection>> {
+        match self.functions.get(name) {
+            Some(f) => f(ctx, params),
+            None => {
+                let msg = format!("no function named `{name}`");
+                Box::pin(std::future::ready(Err(Rejection::new(
+                    ErrorType::NotFound,
+                    msg,
+                ))))
+            }
+        }
+    }
+
+    /// Runs the route handler with this id; `None` when there is none.
+    pub fn dispatch_route(
+        &self,
+        ctx: Context,
+        handler_id: &str,
+        request: Payload,
+    ) -> Option<BoxFuture<Result<HttpResponse, Rejection>>> {
+        self.routes.get(handler_id).map(|f| f(ctx, request))
+    }
+}

@@ -1,0 +1,481 @@
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::engine::{Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
+use crate::error::{Error, ErrorType, Result};
+use crate::message::{codes, Payload, RequestId};
+use crate::router::{Context, HttpResponse, Router};
+
+type Reply = oneshot::Sender<Result<Payload>>;
+
+/// Settings of one connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// Frame limits. Default: 16 MiB frames, cancel messages on.
+    pub engine: EngineConfig,
+    /// Timeout of a call that does not set its own; `None` waits forever. Default: 30 s.
+    pub default_timeout: Option<Duration>,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            engine: EngineConfig::default(),
+            default_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Overrides the connection's default timeout. Default: `None` (use the connection's).
+    pub timeout: Option<Duration>,
+}
+
+impl CallOptions {
+    /// Options with this timeout.
+    pub fn timeout(timeout: Duration) -> CallOptions {
+        CallOptions {
+            timeout: Some(timeout),
+        }
+    }
+}
+
+struct State {
+    engine: Engine<Reply>,
+    /// Tasks running the peer's calls, by the peer's id, so `cancel` can stop them.
+    running: HashMap<RequestId, AbortHandle>,
+    /// Set by graceful shutdown: new calls from the peer are refused.
+    draining: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake_writer: Notify,
+    /// Fires once the connection is finished (closed by either side).
+    done: CancellationToken,
+    router: Router,
+    default_timeout: Option<Duration>,
+    handlers: TaskTracker,
+}
+
+/// One connection, both directions: call the peer's functions and serve its calls to ours.
+///
+/// Cheap to clone; every clone is the same connection. Dropping the handles does not close it:
+/// call [`Connection::close`], or it ends when the peer hangs up.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Connects to a listening peer with default settings and no functions of our own.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Connection> {
+        Connection::connect_with(path, Router::new(), ConnectionConfig::default()).await
+    }
+
+    /// Connects to a listening peer, serving `router`'s functions on the same connection.
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        router: Router,
+        config: ConnectionConfig,
+    ) -> Result<Connection> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| Error::io(format!("cannot connect to {}", path.display()), e))?;
+        Ok(Connection::from_stream(stream, router, config))
+    }
+
+    /// Runs the protocol over an already-connected stream. Must be called inside a tokio
+    /// runtime.
+    pub fn from_stream(stream: UnixStream, router: Router, config: ConnectionConfig) -> Connection {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                engine: Engine::new(config.engine),
+                running: HashMap::new(),
+                draining: false,
+            }),
+            wake_writer: Notify::new(),
+            done: CancellationToken::new(),
+            router,
+            default_timeout: config.default_timeout,
+            handlers: TaskTracker::new(),
+        });
+        let (rd, wr) = stream.into_split();
+        tokio::spawn(read_loop(shared.clone(), rd));
+        tokio::spawn(write_loop(shared.clone(), wr));
+        Connection { shared }
+    }
+
+    /// Calls the peer's function `name` and decodes its result, with the default timeout.
+    pub async fn call<P, R>(&self, name: &str, params: &P) -> Result<R>
+    where
+        P: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.call_with(name, params, CallOptions::default()).await
+    }
+
+    /// Like [`Connection::call`], with options.
+    pub async fn call_with<P, R>(&self, name: &str, params: &P, options: CallOptions) -> Result<R>
+    where
+        P: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let params = Payload::encode(params)?;
+        let result = self.call_raw(name, params.as_bytes(), options).await?;
+        result.decode().map_err(|e| Error::Decode(e.to_string()))
+    }
+
+    /// Calls with params already encoded as one MessagePack value; returns the raw result.
+    /// Dropping the future cancels the call (and tells the peer).
+    pub async fn call_raw(
+        &self,
+        name: &str,
+        params: &[u8],
+        options: CallOptions,
+    ) -> Result<Payload> {
+        self.request(options, |engine, tx| engine.call(name, params, None, tx))
+            .await
+    }
+
+    /// Invokes the peer's route handler `handler_id` with an HTTP-like request (such as
+    /// [`crate::router::HttpRequest`]).
+    pub async fn invoke_handler<Req: Serialize + ?Sized>(
+        &self,
+        handler_id: &str,
+        request: &Req,
+    ) -> Result<HttpResponse> {
+        let request = Payload::encode(request)?;
+        let result = self
+            .request(CallOptions::default(), |engine, tx| {
+                engine.invoke(handler_id, request.as_bytes(), None, tx)
+            })
+            .await?;
+        result.decode().map_err(|e| Error::Decode(e.to_string()))
+    }
+
+    async fn request(
+        &self,
+        options: CallOptions,
+        start: impl FnOnce(&mut Engine<Reply>, Reply) -> std::result::Result<u64, (Error, Reply)>,
+    ) -> Result<Payload> {
+        let (tx, rx) = oneshot::channel();
+        let id = start(&mut self.shared.state.lock().engine, tx).map_err(|(e, _)| e)?;
+        self.shared.wake_writer.notify_one();
+        let mut guard = CancelOnDrop {
+            shared: &self.shared,
+            id,
+            armed: true,
+        };
+        let outcome = match options.timeout.or(self.shared.default_timeout) {
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(r) => r,
+                Err(_) => {
+                    guard.cancel();
+                    return Err(Error::Timeout(t));
+                }
+            },
+            None => rx.await,
+        };
+        guard.armed = false;
+        outcome.unwrap_or_else(|_| Err(Error::ConnectionLost("connection task ended".into())))
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.done.is_cancelled()
+    }
+
+    /// Resolves once the connection has ended, by either side.
+    pub async fn closed(&self) {
+        self.shared.done.cancelled().await
+    }
+
+    /// The number of our calls awaiting an answer.
+    pub fn pending_calls(&self) -> usize {
+        self.shared.state.lock().engine.pending_len()
+    }
+
+    /// Closes now: pending calls fail with [`Error::Closed`], queued frames are flushed, the
+    /// peer's calls still running are abandoned.
+    pub fn close(&self) {
+        finish(&self.shared, None);
+    }
+
+    /// Closes gracefully: refuses new calls from the peer, waits up to `grace` for the ones
+    /// running to be answered, then closes.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.state.lock().draining = true;
+        self.shared.handlers.close();
+        let _ = tokio::time::timeout(grace, self.shared.handlers.wait()).await;
+        self.close();
+    }
+}
+
+struct CancelOnDrop<'a> {
+    shared: &'a Arc<Shared>,
+    id: u64,
+    armed: bool,
+}
+
+impl CancelOnDrop<'_> {
+    fn cancel(&mut self) {
+        if std::mem::take(&mut self.armed) {
+            let cancelled = self.shared.state.lock().engine.cancel(self.id);
+            if cancelled.is_some() {
+                self.shared.wake_writer.notify_one();
+            }
+        }
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// Ends the connection once: settles pending calls, stops handlers, wakes both tasks.
+fn finish(shared: &Arc<Shared>, lost: Option<String>) {
+    let settled = {
+        let mut st = shared.state.lock();
+        if st.engine.is_closed() {
+            return;
+        }
+        for (_, h) in st.running.drain() {
+            h.abort();
+        }
+        st.engine.close(lost)
+    };
+    for (tx, e) in settled {
+        let _ = tx.send(Err(e));
+    }
+    shared.done.cancel();
+    shared.wake_writer.notify_one();
+}
+
+fn panic_message(p: &(dyn Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+async fn read_loop(shared: Arc<Shared>, mut rd: OwnedReadHalf) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let lost = loop {
+        let n = tokio::select! {
+            r = rd.read(&mut buf) => r,
+            _ = shared.done.cancelled() => return,
+        };
+        let n = match n {
+            Ok(0) => {
+                let mid = shared.state.lock().engine.buffered_input() > 0;
+                break if mid {
+                    "peer closed the connection in the middle of a frame"
+                } else {
+                    "peer closed the connection"
+                }
+                .to_string();
+            }
+            Ok(n) => n,
+            Err(e) => break format!("read failed: {e}"),
+        };
+        if let Some(fatal) = on_input(&shared, &buf[..n]) {
+            break fatal;
+        }
+    };
+    finish(&shared, Some(lost));
+}
+
+/// Feeds bytes to the engine and acts on its events. Returns a reason when the connection
+/// must end.
+fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
+    let mut settled = Vec::new();
+    let mut fatal = None;
+    {
+        let mut st = shared.state.lock();
+        st.engine.feed(data);
+        while let Some(ev) = st.engine.poll_event() {
+            match ev {
+                Event::Settled { token, result } => settled.push((token, result)),
+                Event::Call {
+                    request_id,
+                    function_name,
+                    params,
+                } => {
+                    if st.draining {
+                        st.engine.respond(
+                            &request_id,
+                            Err(("the server is shutting down", &ErrorType::Internal)),
+                        );
+                        continue;
+                    }
+                    spawn_call(shared, &mut st, request_id, function_name, params);
+                }
+                Event::Invoke { reply, request } => spawn_invoke(shared, reply, request),
+                Event::Cancel { request_id } => {
+                    if let Some(h) = st.running.remove(&request_id) {
+                        h.abort();
+                    }
+                }
+                Event::Warning(e) => tracing::debug!("ferry: {e}"),
+                Event::Fatal(e) => {
+                    fatal = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+    for (tx, r) in settled {
+        let _ = tx.send(r);
+    }
+    shared.wake_writer.notify_one();
+    fatal
+}
+
+fn spawn_call(
+    shared: &Arc<Shared>,
+    st: &mut State,
+    request_id: RequestId,
+    name: String,
+    params: Payload,
+) {
+    let ctx = Context {
+        connection: Connection {
+            shared: shared.clone(),
+        },
+        request_id: Some(request_id.clone()),
+    };
+    let fut = shared.router.dispatch(ctx, &name, params);
+    let task_shared = shared.clone();
+    let rid = request_id.clone();
+    // The state lock is held while spawning, so the task cannot remove its `running` entry
+    // before it is inserted.
+    let handle = shared.handlers.spawn(async move {
+        let outcome = AssertUnwindSafe(fut).catch_unwind().await;
+        let mut st = task_shared.state.lock();
+        st.running.remove(&rid);
+        match outcome {
+            Ok(Ok(result)) => st.engine.respond(&rid, Ok(result.as_bytes())),
+            Ok(Err(rej)) => st.engine.respond(&rid, Err((&rej.message, &rej.kind))),
+            Err(panic) => {
+                let msg = format!("function `{name}` panicked: {}", panic_message(&*panic));
+                st.engine.respond(&rid, Err((&msg, &ErrorType::Internal)));
+            }
+        }
+        drop(st);
+        task_shared.wake_writer.notify_one();
+    });
+    st.running.insert(request_id, handle.abort_handle());
+}
+
+fn spawn_invoke(shared: &Arc<Shared>, reply: InvokeReply, request: Payload) {
+    let ctx = Context {
+        connection: Connection {
+            shared: shared.clone(),
+        },
+        request_id: None,
+    };
+    let fut = shared
+        .router
+        .dispatch_route(ctx, reply.handler_id(), request);
+    let task_shared = shared.clone();
+    // Invocations are not abortable: id-less ones must be answered for later ones to go out.
+    shared.handlers.spawn(async move {
+        let outcome = match fut {
+            None => Err((
+                codes::HANDLER_NOT_FOUND,
+                format!("no handler `{}`", reply.handler_id()),
+                404,
+            )),
+            Some(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(rej)) => Err((codes::HANDLER_EXECUTION_ERROR, rej.message, 500)),
+                Err(panic) => Err((codes::HANDLER_EXECUTION_ERROR, panic_message(&*panic), 500)),
+            },
+        };
+        let encoded = outcome
+            .as_ref()
+            .ok()
+            .map(|r| (Payload::encode(&r.headers), Payload::encode(&r.body)));
+        let mut st = task_shared.state.lock();
+        match (&outcome, encoded) {
+            (Ok(resp), Some((Ok(h), Ok(b)))) => st.engine.respond_invoke(
+                reply,
+                InvokeOutcome::Response {
+                    status: resp.status,
+                    headers: h.as_bytes(),
+                    body: b.as_bytes(),
+                },
+            ),
+            (Err((code, message, status)), _) => st.engine.respond_invoke(
+                reply,
+                InvokeOutcome::Error {
+                    code,
+                    message,
+                    status: *status,
+                },
+            ),
+            _ => st.engine.respond_invoke(
+                reply,
+                InvokeOutcome::Error {
+                    code: codes::HANDLER_EXECUTION_ERROR,
+                    message: "response not encodable",
+                    status: 500,
+                },
+            ),
+        }
+        drop(st);
+        task_shared.wake_writer.notify_one();
+    });
+}
+
+async fn write_loop(shared: Arc<Shared>, mut wr: OwnedWriteHalf) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let closing = shared.done.is_cancelled();
+        buf = shared.state.lock().engine.take_output(buf);
+        if buf.is_empty() {
+            if closing {
+                break;
+            }
+            tokio::select! {
+                _ = shared.wake_writer.notified() => {}
+                _ = shared.done.cancelled() => {}
+            }
+            continue;
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            finish(&shared, Some(format!("write failed: {e}")));
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
