@@ -322,9 +322,10 @@ impl<T> Engine<T> {
         self.deadlines.first().map(|(at, _)| *at)
     }
 
-    /// Fails every call whose deadline is at or before `now` with [`Error::Timeout`]; the
-    /// results come out of [`Engine::poll_event`].
-    pub fn expire(&mut self, now: Instant) {
+    /// Removes every call whose deadline is at or before `now` and returns its token with
+    /// the [`Error::Timeout`] to settle it with.
+    pub fn expire(&mut self, now: Instant) -> Vec<(T, Error)> {
+        let mut expired = Vec::new();
         while let Some(&(at, id)) = self.deadlines.first() {
             if at > now {
                 break;
@@ -335,12 +336,10 @@ impl<T> Engine<T> {
                     let _ = self.frame(|out| message::encode_cancel(out, &RequestId::Int(id)));
                 }
                 let timeout = p.deadline.map(|d| d.timeout).unwrap_or_default();
-                self.events.push_back(Event::Settled {
-                    token: p.token,
-                    result: Err(Error::Timeout(timeout)),
-                });
+                expired.push((p.token, Error::Timeout(timeout)));
             }
         }
+        expired
     }
 
     /// Answers the peer's `rpc_call`: `Ok(result bytes)` or `Err((message, error_type))`.

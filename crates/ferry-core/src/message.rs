@@ -57,11 +57,7 @@ impl Payload {
     /// Wraps MessagePack bytes after checking that they hold exactly one well-formed value.
     pub fn from_msgpack(bytes: impl Into<Bytes>) -> Result<Payload, DecodeError> {
         let bytes = bytes.into();
-        let mut r = Reader::new(&bytes);
-        r.skip_value()?;
-        if r.pos != bytes.len() {
-            return Err(DecodeError::bad("trailing bytes after the value"));
-        }
+        validate_value(&bytes)?;
         Ok(Payload(bytes))
     }
 
@@ -245,6 +241,17 @@ impl std::error::Error for DecodeError {}
 
 // ---------------------------------------------------------------------------------------------
 // Decoding
+
+/// Checks that `bytes` hold exactly one well-formed MessagePack value, so that splicing them
+/// into a frame cannot corrupt the stream. One pass, no allocation.
+pub fn validate_value(bytes: &[u8]) -> Result<(), DecodeError> {
+    let mut r = Reader::new(bytes);
+    r.skip_value()?;
+    if r.pos != bytes.len() {
+        return Err(DecodeError::bad("trailing bytes after the value"));
+    }
+    Ok(())
+}
 
 struct Reader<'a> {
     buf: &'a [u8],

@@ -217,10 +217,14 @@ impl Router {
         self.functions.insert(
             name.to_owned(),
             Arc::new(move |_ctx, params: Payload| {
-                let r = decode_params::<P>(&params)
-                    .and_then(|p| f(p).map_err(IntoRejection::into_rejection))
-                    .and_then(|r| encode_result(&r));
-                Box::pin(std::future::ready(r))
+                // Run inside the future, never in `dispatch` itself: the driver catches a
+                // panic only while polling.
+                let f = f.clone();
+                Box::pin(async move {
+                    let p = decode_params::<P>(&params)?;
+                    let r = f(p).map_err(IntoRejection::into_rejection)?;
+                    encode_result(&r)
+                })
             }),
         );
         self
@@ -237,10 +241,12 @@ impl Router {
         self.functions.insert(
             name.to_owned(),
             Arc::new(move |_ctx, params: Payload| {
-                let r = f(owned.clone(), params.to_value())
-                    .map(|v| Payload::from_value(&v))
-                    .map_err(Rejection::handler);
-                Box::pin(std::future::ready(r))
+                let (f, name) = (f.clone(), owned.clone());
+                Box::pin(async move {
+                    f(name, params.to_value())
+                        .map(|v| Payload::from_value(&v))
+                        .map_err(Rejection::handler)
+                })
             }),
         );
         self
@@ -275,7 +281,9 @@ impl Router {
         self.functions.contains_key(name)
     }
 
-    /// Runs the named function. The future is `'static` so drivers can spawn it.
+    /// Runs the named function. No user code runs before the future is polled (so a panic
+    /// surfaces from `poll`, where drivers catch it); the future is `'static` so drivers can
+    /// spawn it.
     pub fn dispatch(
         &self,
         ctx: Context,

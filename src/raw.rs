@@ -1,0 +1,147 @@
+//! Raw N-API helpers: promises settled from Rust, persistent function references, buffers.
+//! Everything here runs on the JS thread that owns the `napi_env`.
+
+use std::ptr;
+
+use napi::bindgen_prelude::*;
+use napi::sys;
+
+pub fn check(status: sys::napi_status, what: &str) -> Result<()> {
+    if status == sys::Status::napi_ok {
+        Ok(())
+    } else {
+        Err(Error::new(Status::from(status), format!("{what} failed")))
+    }
+}
+
+/// A promise's resolver, settled exactly once by [`resolve`] or [`reject`].
+pub struct Deferred(sys::napi_deferred);
+
+pub fn create_promise(env: sys::napi_env) -> Result<(Deferred, sys::napi_value)> {
+    let mut deferred = ptr::null_mut();
+    let mut promise = ptr::null_mut();
+    check(
+        unsafe { sys::napi_create_promise(env, &mut deferred, &mut promise) },
+        "napi_create_promise",
+    )?;
+    Ok((Deferred(deferred), promise))
+}
+
+pub fn resolve(env: sys::napi_env, d: Deferred, value: sys::napi_value) {
+    unsafe { sys::napi_resolve_deferred(env, d.0, value) };
+}
+
+pub fn reject(env: sys::napi_env, d: Deferred, value: sys::napi_value) {
+    unsafe { sys::napi_reject_deferred(env, d.0, value) };
+}
+
+/// A strong reference to a JS function, released by [`FnRef::release`].
+pub struct FnRef(sys::napi_ref);
+
+impl FnRef {
+    pub fn new(env: sys::napi_env, value: sys::napi_value) -> Result<FnRef> {
+        let mut ty = 0;
+        check(
+            unsafe { sys::napi_typeof(env, value, &mut ty) },
+            "napi_typeof",
+        )?;
+        if ty != sys::ValueType::napi_function {
+            return Err(Error::new(Status::InvalidArg, "expected a function"));
+        }
+        let mut r = ptr::null_mut();
+        check(
+            unsafe { sys::napi_create_reference(env, value, 1, &mut r) },
+            "napi_create_reference",
+        )?;
+        Ok(FnRef(r))
+    }
+
+    /// Calls the function with `undefined` as `this`. A thrown exception is caught and
+    /// returned as `Err(exception)`.
+    pub fn call(
+        &self,
+        env: sys::napi_env,
+        args: &[sys::napi_value],
+    ) -> std::result::Result<sys::napi_value, sys::napi_value> {
+        unsafe {
+            let mut f = ptr::null_mut();
+            let mut undefined = ptr::null_mut();
+            sys::napi_get_reference_value(env, self.0, &mut f);
+            sys::napi_get_undefined(env, &mut undefined);
+            let mut out = ptr::null_mut();
+            let status =
+                sys::napi_call_function(env, undefined, f, args.len(), args.as_ptr(), &mut out);
+            if status == sys::Status::napi_ok {
+                return Ok(out);
+            }
+            let mut exception = ptr::null_mut();
+            sys::napi_get_and_clear_last_exception(env, &mut exception);
+            Err(exception)
+        }
+    }
+
+    pub fn release(self, env: sys::napi_env) {
+        unsafe { sys::napi_delete_reference(env, self.0) };
+    }
+}
+
+pub fn buffer_copy(env: sys::napi_env, data: &[u8]) -> Result<sys::napi_value> {
+    let mut out = ptr::null_mut();
+    let mut dst = ptr::null_mut();
+    check(
+        unsafe {
+            sys::napi_create_buffer_copy(env, data.len(), data.as_ptr().cast(), &mut dst, &mut out)
+        },
+        "napi_create_buffer_copy",
+    )?;
+    Ok(out)
+}
+
+pub fn string(env: sys::napi_env, s: &str) -> Result<sys::napi_value> {
+    let mut out = ptr::null_mut();
+    check(
+        unsafe { sys::napi_create_string_utf8(env, s.as_ptr().cast(), s.len() as isize, &mut out) },
+        "napi_create_string_utf8",
+    )?;
+    Ok(out)
+}
+
+pub fn undefined(env: sys::napi_env) -> sys::napi_value {
+    let mut out = ptr::null_mut();
+    unsafe { sys::napi_get_undefined(env, &mut out) };
+    out
+}
+
+pub fn null(env: sys::napi_env) -> sys::napi_value {
+    let mut out = ptr::null_mut();
+    unsafe { sys::napi_get_null(env, &mut out) };
+    out
+}
+
+pub fn uint(env: sys::napi_env, n: u32) -> Result<sys::napi_value> {
+    let mut out = ptr::null_mut();
+    check(
+        unsafe { sys::napi_create_uint32(env, n, &mut out) },
+        "napi_create_uint32",
+    )?;
+    Ok(out)
+}
+
+/// A raw JS value returned from a `#[napi]` method as is.
+pub struct RawValue(pub sys::napi_value);
+
+impl ToNapiValue for RawValue {
+    unsafe fn to_napi_value(_env: sys::napi_env, val: Self) -> Result<sys::napi_value> {
+        Ok(val.0)
+    }
+}
+
+impl TypeName for RawValue {
+    fn type_name() -> &'static str {
+        "unknown"
+    }
+
+    fn value_type() -> ValueType {
+        ValueType::Unknown
+    }
+}
