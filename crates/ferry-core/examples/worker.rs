@@ -81,7 +81,9 @@ fn number(x: f64) -> Value {
 
 fn fibonacci(n: u64) -> Result<u64, Rejection> {
     if n > 93 {
-        return Err(Rejection::invalid_params("n must be at most 93 (fib(94) overflows u64)"));
+        return Err(Rejection::invalid_params(
+            "n must be at most 93 (fib(94) overflows u64)",
+        ));
     }
     let (mut a, mut b) = (0u64, 1u64);
     for _ in 0..n {
@@ -111,9 +113,13 @@ fn router() -> Router {
         .sync_fn("fibonacci", |p: N| fibonacci(p.n))
         // Trial division up to sqrt(n): run off the reactor so a big prime never stalls I/O.
         .async_fn("is_prime", |p: N| async move {
-            tokio::task::spawn_blocking(move || is_prime(p.n)).await.map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || is_prime(p.n))
+                .await
+                .map_err(|e| e.to_string())
         })
-        .sync_fn("sum_array", |p: Values| Ok::<_, String>(number(p.values.iter().sum())))
+        .sync_fn("sum_array", |p: Values| {
+            Ok::<_, String>(number(p.values.iter().sum()))
+        })
         .raw_fn("echo", |_name, params| Ok(params))
         .sync_fn("get_benchmarks", |_: IgnoredAny| {
             Ok::<_, String>(Benchmarks {
@@ -127,15 +133,23 @@ fn router() -> Router {
             tokio::time::sleep(Duration::from_millis(p.ms)).await;
             Ok::<_, String>(p.ms)
         })
-        .sync_fn("fail", |_: IgnoredAny| Err::<(), _>("fail was called: this function always fails"))
-        .sync_fn("panic", |_: IgnoredAny| -> Result<(), String> { panic!("panic was called") })
+        .sync_fn("fail", |_: IgnoredAny| {
+            Err::<(), _>("fail was called: this function always fails")
+        })
+        .sync_fn("panic", |_: IgnoredAny| -> Result<(), String> {
+            panic!("panic was called")
+        })
         // Calls a function of the caller back on the same connection and returns its answer.
         .async_fn_ctx("call_peer", |ctx: Context, p: CallPeer| async move {
-            ctx.connection.call::<_, Value>(&p.function_name, &p.params.unwrap_or(Value::Nil)).await
+            ctx.connection
+                .call::<_, Value>(&p.function_name, &p.params.unwrap_or(Value::Nil))
+                .await
         })
         // Invokes a route handler of the caller on the same connection.
         .async_fn_ctx("invoke_peer", |ctx: Context, p: InvokePeer| async move {
-            ctx.connection.invoke_handler(&p.handler_id, &p.request).await
+            ctx.connection
+                .invoke_handler(&p.handler_id, &p.request)
+                .await
         })
         .route("worker_status", |_ctx, req: HttpRequest| async move {
             Ok::<_, String>(HttpResponse {
@@ -161,11 +175,12 @@ async fn main() {
             std::process::exit(1);
         }
     };
+    // Install the handlers before announcing readiness, so an early SIGTERM is never fatal.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     println!("ready {path}");
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

@@ -163,6 +163,10 @@ pub struct Engine<T> {
     pending: HashMap<u64, Pending<T>>,
     /// Our invocations in send order, for peers that answer without echoing request_id.
     invoke_order: VecDeque<u64>,
+    /// Set once the peer answered an invocation without a request_id (like ZapJS's
+    /// IpcServer). Only then must a cancelled invocation keep its place in `invoke_order`,
+    /// so that its late answer is matched to it and dropped.
+    peer_answers_in_order: bool,
     deadlines: BTreeSet<(Instant, u64)>,
     /// Encoded answers to the peer's id-less invocations, held until every earlier one is done.
     ordered: VecDeque<Option<Vec<u8>>>,
@@ -182,6 +186,7 @@ impl<T> Engine<T> {
             next_id: 1,
             pending: HashMap::new(),
             invoke_order: VecDeque::new(),
+            peer_answers_in_order: false,
             deadlines: BTreeSet::new(),
             ordered: VecDeque::new(),
             ordered_base: 0,
@@ -304,8 +309,9 @@ impl<T> Engine<T> {
     /// [`Error::Cancelled`]). Tells the peer with `cancel` unless disabled in the config.
     pub fn cancel(&mut self, id: u64) -> Option<T> {
         let p = self.take_pending(id)?;
-        // An id-less answer may still come for an invocation: its place in `invoke_order`
-        // stays, so that answer is matched to it and dropped.
+        if p.kind == Kind::Invoke {
+            self.forget_invoke(id);
+        }
         if self.config.send_cancel && self.closed.is_none() {
             let _ = self.frame(|out| message::encode_cancel(out, &RequestId::Int(id)));
         }
@@ -332,6 +338,9 @@ impl<T> Engine<T> {
             }
             self.deadlines.pop_first();
             if let Some(p) = self.pending.remove(&id) {
+                if p.kind == Kind::Invoke {
+                    self.forget_invoke(id);
+                }
                 if self.config.send_cancel && self.closed.is_none() {
                     let _ = self.frame(|out| message::encode_cancel(out, &RequestId::Int(id)));
                 }
@@ -488,12 +497,29 @@ impl<T> Engine<T> {
         }
     }
 
+    /// Drops an ended invocation from `invoke_order`, unless the peer answers in order and
+    /// may still send its (id-less) answer.
+    fn forget_invoke(&mut self, id: u64) {
+        if !self.peer_answers_in_order {
+            self.remove_from_invoke_order(id);
+        }
+    }
+
+    fn remove_from_invoke_order(&mut self, id: u64) {
+        if let Some(pos) = self.invoke_order.iter().position(|&x| x == id) {
+            self.invoke_order.remove(pos);
+        }
+    }
+
     fn settle(&mut self, id: u64, result: Result<Payload, Error>) -> Option<Event<T>> {
-        let p = self.take_pending(id)?;
+        // An answer naming an invocation ends its place in the order, even if the call was
+        // already cancelled.
+        let Some(p) = self.take_pending(id) else {
+            self.remove_from_invoke_order(id);
+            return None;
+        };
         if p.kind == Kind::Invoke {
-            if let Some(pos) = self.invoke_order.iter().position(|&x| x == id) {
-                self.invoke_order.remove(pos);
-            }
+            self.remove_from_invoke_order(id);
         }
         Some(Event::Settled {
             token: p.token,
@@ -501,8 +527,10 @@ impl<T> Engine<T> {
         })
     }
 
-    /// An answer that names no request: it belongs to our oldest invocation.
+    /// An answer that names no request: it belongs to our oldest invocation (which may have
+    /// been cancelled already, in which case the answer is dropped).
     fn settle_oldest_invoke(&mut self, result: Result<Payload, Error>) -> Option<Event<T>> {
+        self.peer_answers_in_order = true;
         let id = self.invoke_order.pop_front()?;
         let p = self.take_pending(id)?;
         Some(Event::Settled {
@@ -593,7 +621,10 @@ impl<T> Engine<T> {
                         Some(n) => self.settle(n, Err(err)),
                         None => Some(Event::Warning(err)),
                     },
-                    None if !self.invoke_order.is_empty() => self.settle_oldest_invoke(Err(err)),
+                    // Protocol complaints name no invocation: they are about some frame of ours.
+                    None if !self.invoke_order.is_empty() && !is_protocol_code(&err) => {
+                        self.settle_oldest_invoke(Err(err))
+                    }
                     None => Some(Event::Warning(err)),
                 }
             }
@@ -612,12 +643,16 @@ impl<T> Engine<T> {
             Some("rpc_response" | "rpc_error" | "handler_response" | "error")
         );
         if is_answer {
-            // A malformed answer to one of our calls still ends that call.
-            let id = e.request_id.as_ref().and_then(Self::our_id);
-            if let Some(ev) =
-                id.and_then(|id| self.settle(id, Err(Error::Protocol(e.message.clone()))))
-            {
-                return Some(ev);
+            // A malformed answer to one of our calls still ends that call; an id-less
+            // malformed handler_response still takes its place in the order.
+            let err = Error::Protocol(e.message.clone());
+            let ev = match (&e.request_id, e.message_type.as_deref()) {
+                (Some(id), _) => Self::our_id(id).and_then(|id| self.settle(id, Err(err))),
+                (None, Some("handler_response")) => self.settle_oldest_invoke(Err(err)),
+                _ => None,
+            };
+            if ev.is_some() {
+                return ev;
             }
         }
         if e.message_type.as_deref() != Some("error") {
@@ -665,6 +700,11 @@ impl<T> Engine<T> {
     pub fn is_closed(&self) -> bool {
         self.closed.is_some()
     }
+}
+
+fn is_protocol_code(e: &Error) -> bool {
+    matches!(e, Error::Peer { code, .. }
+        if code == codes::BAD_MESSAGE || code == codes::UNKNOWN_MESSAGE_TYPE || code == codes::FRAME_TOO_LARGE)
 }
 
 fn clone_close(e: &Error) -> Error {
@@ -741,14 +781,8 @@ mod tests {
         e.call("slower", &[0xc0], d(20), 2).unwrap();
         e.take_output(Vec::new());
         assert_eq!(e.next_deadline(), Some(now + Duration::from_millis(10)));
-        e.expire(now + Duration::from_millis(15));
-        let Some(Event::Settled {
-            token: 1,
-            result: Err(Error::Timeout(_)),
-        }) = e.poll_event()
-        else {
-            panic!()
-        };
+        let expired = e.expire(now + Duration::from_millis(15));
+        assert!(matches!(expired[..], [(1, Error::Timeout(_))]));
         assert!(e.poll_event().is_none());
         assert_eq!(
             frames(&e.take_output(Vec::new())),
@@ -842,6 +876,63 @@ mod tests {
             panic!()
         };
         assert_eq!(err.code(), "ERR_FERRY_NOT_FOUND");
+    }
+
+    #[test]
+    fn cancelled_invocations_do_not_steal_later_answers() {
+        let hr = |status, request_id: Option<RequestId>| Message::HandlerResponse {
+            handler_id: "h".into(),
+            status,
+            headers: Payload::nil(),
+            body: Payload::nil(),
+            request_id,
+        };
+        // A peer that echoes ids: a cancelled invocation leaves the order at once.
+        let mut e: Engine<u8> = Engine::new(EngineConfig::default());
+        let a = e.invoke("h", &[0x80], None, 1).unwrap();
+        e.invoke("h", &[0x80], None, 2).unwrap();
+        e.cancel(a);
+        e.feed(&wire(hr(200, Some(a.into()))));
+        e.feed(&wire(hr(201, None)));
+        let Some(Event::Settled {
+            token: 2,
+            result: Ok(_),
+        }) = e.poll_event()
+        else {
+            panic!()
+        };
+        // A peer that answers in order: a cancelled invocation's late answer is dropped.
+        let mut e: Engine<u8> = Engine::new(EngineConfig::default());
+        e.invoke("h", &[0x80], None, 1).unwrap();
+        e.feed(&wire(hr(200, None)));
+        assert!(matches!(
+            e.poll_event(),
+            Some(Event::Settled { token: 1, .. })
+        ));
+        let c = e.invoke("h", &[0x80], None, 3).unwrap();
+        e.invoke("h", &[0x80], None, 4).unwrap();
+        e.cancel(c);
+        e.feed(&wire(hr(500, None)));
+        e.feed(&wire(hr(204, None)));
+        let Some(Event::Settled {
+            token: 4,
+            result: Ok(p),
+        }) = e.poll_event()
+        else {
+            panic!()
+        };
+        assert_eq!(p.to_value()["status"], rmpv::Value::from(204));
+        // A protocol complaint without an id does not fail an invocation.
+        e.invoke("h", &[0x80], None, 5).unwrap();
+        e.feed(&wire(Message::Error {
+            code: "UNKNOWN_MESSAGE_TYPE".into(),
+            message: "?".into(),
+            status: 400,
+            digest: None,
+            request_id: None,
+        }));
+        assert!(matches!(e.poll_event(), Some(Event::Warning(_))));
+        assert_eq!(e.pending_len(), 1);
     }
 
     #[test]

@@ -110,8 +110,8 @@ pub struct HttpRequest {
     pub method: String,
     /// The request path.
     pub path: String,
-    /// Header names to values.
-    #[serde(default)]
+    /// Header names to values (nil or absent on the wire reads as empty).
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub headers: HashMap<String, String>,
     /// Query parameters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,13 +124,22 @@ pub struct HttpRequest {
     pub body: Option<Value>,
 }
 
+/// Reads nil (or an absent field) as the type's default.
+fn nil_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// An HTTP-like response, as `handler_response` carries it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HttpResponse {
     /// HTTP status.
     pub status: u16,
-    /// Header names to values.
-    #[serde(default)]
+    /// Header names to values (nil or absent on the wire reads as empty).
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub headers: HashMap<String, String>,
     /// The body (usually a string; nil when absent).
     #[serde(default = "nil")]

@@ -70,6 +70,8 @@ struct Shared {
     wake_writer: Notify,
     /// Fires once the connection is finished (closed by either side).
     done: CancellationToken,
+    /// Fires once the writer has flushed what was queued at close and shut the socket down.
+    flushed: CancellationToken,
     router: Router,
     default_timeout: Option<Duration>,
     handlers: TaskTracker,
@@ -122,6 +124,7 @@ impl Connection {
             }),
             wake_writer: Notify::new(),
             done: CancellationToken::new(),
+            flushed: CancellationToken::new(),
             router,
             default_timeout: config.default_timeout,
             handlers: TaskTracker::new(),
@@ -229,12 +232,14 @@ impl Connection {
     }
 
     /// Closes gracefully: refuses new calls from the peer, waits up to `grace` for the ones
-    /// running to be answered, then closes.
+    /// running to be answered, closes, and waits (up to `grace` again) until the answers are
+    /// written out, so a process may exit right after.
     pub async fn shutdown(&self, grace: Duration) {
         self.shared.state.lock().draining = true;
         self.shared.handlers.close();
         let _ = tokio::time::timeout(grace, self.shared.handlers.wait()).await;
         self.close();
+        let _ = tokio::time::timeout(grace, self.shared.flushed.cancelled()).await;
     }
 }
 
@@ -478,4 +483,5 @@ async fn write_loop(shared: Arc<Shared>, mut wr: OwnedWriteHalf) {
         }
     }
     let _ = wr.shutdown().await;
+    shared.flushed.cancel();
 }

@@ -1,0 +1,205 @@
+// Node calling the Rust example worker: every function, every error type, timeouts,
+// cancellation, concurrency, values.
+import test from 'ava'
+
+import { RpcClient, RpcError, initRpcClient, closeRpcClient, rpc } from '../index.js'
+import { startWorker, type Worker } from './helpers'
+
+let worker: Worker
+let client: RpcClient
+
+test.before(async () => {
+  worker = await startWorker()
+  client = await RpcClient.connect(worker.socket)
+})
+
+test.after.always(async () => {
+  await client?.close()
+  await worker?.stop()
+})
+
+async function rejects(t: any, p: Promise<unknown>, code: string, errorType?: string): Promise<RpcError> {
+  const e = await t.throwsAsync(p, { instanceOf: RpcError })
+  t.is(e.code, code, e.message)
+  if (errorType !== undefined) t.is(e.errorType, errorType)
+  return e
+}
+
+test('add, multiply, fibonacci, is_prime, sum_array', async (t) => {
+  t.is(await client.call('add', { a: 2, b: 3 }), 5)
+  t.is(await client.call('add', { a: 0.5, b: 0.25 }), 0.75)
+  t.is(await client.call('multiply', { a: 6, b: 7 }), 42)
+  t.is(await client.call('fibonacci', { n: 0 }), 0)
+  t.is(await client.call('fibonacci', { n: 10 }), 55)
+  // fib(90) is beyond 2^53: it arrives as a BigInt, exactly.
+  t.is(await client.call('fibonacci', { n: 90 }), 2880067194370816120n)
+  t.is(await client.call('is_prime', { n: 7919 }), true)
+  t.is(await client.call('is_prime', { n: 7917 }), false)
+  t.is(await client.call('is_prime', { n: 1 }), false)
+  t.is(await client.call('sum_array', { values: [1, 2, 3.5] }), 6.5)
+  t.is(await client.call('sum_array', { values: [] }), 0)
+})
+
+test('echo returns every MessagePack value unchanged', async (t) => {
+  const value = {
+    nil: null,
+    yes: true,
+    no: false,
+    int: -42,
+    float: 3.25,
+    big: 2n ** 62n,
+    negBig: -(2n ** 62n),
+    str: 'héllo ✓',
+    empty: '',
+    list: [1, 'two', [3], { four: 4 }],
+    bin: Buffer.from([0, 1, 2, 255]),
+    nested: { a: { b: { c: [] as unknown[] } } },
+  }
+  t.deepEqual(await client.call('echo', value), value)
+  t.deepEqual(await client.call('echo', [1, 2, 3]), [1, 2, 3])
+  t.is(await client.call('echo', 'plain string'), 'plain string')
+  t.is(await client.call('echo'), null, 'absent params are nil')
+  const u8 = new Uint8Array([9, 8, 7])
+  t.deepEqual([...((await client.call('echo', u8)) as Buffer)], [9, 8, 7])
+})
+
+test('get_benchmarks returns an object; sleep answers after ms', async (t) => {
+  const info = (await client.call('get_benchmarks', {})) as { runtime: string; functions: string[] }
+  t.is(info.runtime, 'ferry-core')
+  t.true(info.functions.includes('add'))
+  t.is(await client.call('sleep', { ms: 5 }), 5)
+})
+
+test('NotFound, InvalidParams, HandlerError', async (t) => {
+  await rejects(t, client.call('no_such_function', {}), 'ERR_FERRY_NOT_FOUND', 'NotFound')
+  await rejects(t, client.call('add', { a: 'x', b: 1 }), 'ERR_FERRY_INVALID_PARAMS', 'InvalidParams')
+  await rejects(t, client.call('add', null), 'ERR_FERRY_INVALID_PARAMS', 'InvalidParams')
+  const e = await rejects(t, client.call('fail', {}), 'ERR_FERRY_HANDLER', 'HandlerError')
+  t.regex(e.message, /always fails/)
+})
+
+test('a panicking function is Internal and the worker keeps serving', async (t) => {
+  const e = await rejects(t, client.call('panic', {}), 'ERR_FERRY_INTERNAL', 'Internal')
+  t.regex(e.message, /panic/)
+  t.is(await client.call('add', { a: 1, b: 1 }), 2)
+  const other = await RpcClient.connect(worker.socket)
+  t.is(await other.call('add', { a: 2, b: 2 }), 4)
+  await other.close()
+})
+
+test('a timeout rejects with ERR_FERRY_TIMEOUT and the connection goes on', async (t) => {
+  const c = await RpcClient.connect(worker.socket)
+  await rejects(t, c.call('sleep', { ms: 2000 }, { timeoutMs: 50 }), 'ERR_FERRY_TIMEOUT')
+  t.is(c.pendingCalls, 0)
+  t.is(await c.call('add', { a: 1, b: 2 }), 3)
+  // The connection's default applies when the call sets none.
+  const quick = await RpcClient.connect(worker.socket, { timeoutMs: 30 })
+  await rejects(t, quick.call('sleep', { ms: 2000 }), 'ERR_FERRY_TIMEOUT')
+  t.is(await quick.call('sleep', { ms: 1 }, { timeoutMs: 0 }), 1, 'timeoutMs 0 waits forever')
+  await Promise.all([c.close(), quick.close()])
+})
+
+test('AbortSignal cancels a pending call', async (t) => {
+  const c = await RpcClient.connect(worker.socket)
+  const ac = new AbortController()
+  const p = c.call('sleep', { ms: 2000 }, { signal: ac.signal })
+  t.is(c.pendingCalls, 1)
+  ac.abort()
+  await rejects(t, p, 'ERR_FERRY_CANCELLED')
+  await rejects(t, c.call('add', { a: 1, b: 2 }, { signal: ac.signal }), 'ERR_FERRY_CANCELLED')
+  t.is(c.pendingCalls, 0)
+  t.is(await c.call('add', { a: 1, b: 2 }), 3)
+  await c.close()
+})
+
+test('1,000 concurrent calls answered out of order', async (t) => {
+  const n = 1000
+  const delays = Array.from({ length: n }, (_, i) => (i * 7919) % 23)
+  const order: number[] = []
+  const results = await Promise.all(
+    delays.map((ms, i) =>
+      client.call<number>('sleep', { ms }).then((r) => {
+        order.push(i)
+        return r
+      }),
+    ),
+  )
+  t.deepEqual(results, delays)
+  t.notDeepEqual(order, [...order].sort((a, b) => a - b), 'answers arrived out of order')
+})
+
+test('params that cannot be encoded reject locally', async (t) => {
+  await rejects(t, client.call('echo', { s: Symbol('x') }), 'ERR_FERRY_ENCODE')
+  await rejects(t, client.call('echo', 2n ** 70n), 'ERR_FERRY_ENCODE')
+  t.is(await client.call('add', { a: 1, b: 1 }), 2)
+})
+
+test('a frame over the limit is refused before sending', async (t) => {
+  const small = await RpcClient.connect(worker.socket, { maxFrameBytes: 1024 })
+  await rejects(t, small.call('echo', Buffer.alloc(4096)), 'ERR_FERRY_FRAME_TOO_LARGE')
+  t.is(await small.call('add', { a: 1, b: 1 }), 2)
+  await small.close()
+})
+
+test('large binary echo (4 MiB)', async (t) => {
+  const big = Buffer.alloc(4 * 1024 * 1024, 7)
+  const back = (await client.call('echo', big)) as Buffer
+  t.is(back.length, big.length)
+  t.true(back.equals(big))
+})
+
+test.serial('the process-wide client: not initialized, init, call, close', async (t) => {
+  await closeRpcClient()
+  const saved = process.env.FERRY_SOCKET
+  delete process.env.FERRY_SOCKET
+  const e = await rejects(t, rpc.call('add', { a: 1, b: 2 }), 'ERR_FERRY_NOT_INITIALIZED')
+  t.regex(e.message, /initRpcClient/)
+  await initRpcClient(worker.socket, { connectTimeoutMs: 2000 })
+  t.is(await rpc.call<number>('add', { a: 2, b: 3 }), 5)
+  const pending = rpc.call('sleep', { ms: 5000 })
+  await closeRpcClient()
+  await rejects(t, pending, 'ERR_FERRY_CLOSED')
+  await rejects(t, rpc.call('add', { a: 1, b: 2 }), 'ERR_FERRY_NOT_INITIALIZED')
+  // FERRY_SOCKET makes the first call connect by itself.
+  process.env.FERRY_SOCKET = worker.socket
+  try {
+    t.is(await rpc.call<number>('multiply', { a: 3, b: 4 }), 12)
+  } finally {
+    await closeRpcClient()
+    if (saved === undefined) delete process.env.FERRY_SOCKET
+    else process.env.FERRY_SOCKET = saved
+  }
+})
+
+test('connect retries until the socket exists, then times out with ERR_FERRY_CONNECT', async (t) => {
+  const e = await t.throwsAsync(RpcClient.connect(worker.socket + '.missing', { connectTimeoutMs: 100 }), {
+    instanceOf: RpcError,
+  })
+  t.is(e!.code, 'ERR_FERRY_CONNECT')
+})
+
+test('the worker exiting fails pending calls with ERR_FERRY_CONNECTION_LOST', async (t) => {
+  const w = await startWorker()
+  const c = await RpcClient.connect(w.socket)
+  const pending = c.call('sleep', { ms: 10_000 })
+  w.child.kill('SIGKILL')
+  await rejects(t, pending, 'ERR_FERRY_CONNECTION_LOST')
+  await rejects(t, c.call('add', { a: 1, b: 1 }), 'ERR_FERRY_CONNECTION_LOST')
+  t.true(c.closed)
+  await w.stop()
+})
+
+test('the worker shuts down gracefully on SIGTERM and removes its socket', async (t) => {
+  const w = await startWorker()
+  const c = await RpcClient.connect(w.socket)
+  const slow = c.call('sleep', { ms: 200 })
+  // The call is on the wire once the next tick flushed it; wait for the worker to have it.
+  await new Promise((r) => setTimeout(r, 0))
+  await c.call('add', { a: 1, b: 1 })
+  w.child.kill('SIGTERM')
+  t.is(await slow, 200, 'the running call was answered before exit')
+  t.is(await w.stop(), 0)
+  const { existsSync } = await import('node:fs')
+  t.false(existsSync(w.socket))
+  await c.close()
+})
