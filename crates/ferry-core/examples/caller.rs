@@ -31,7 +31,8 @@ async fn main() {
         let out = match kind.as_str() {
             "call" => {
                 let options = CallOptions::timeout(Duration::from_secs(10));
-                conn.call_with::<_, serde_json::Value>(name, &input, options).await?
+                conn.call_with::<_, serde_json::Value>(name, &input, options)
+                    .await?
             }
             "route" => serde_json::to_value(conn.invoke_handler(name, &input).await?)
                 .map_err(|e| ferry_core::Error::Decode(e.to_string()))?,

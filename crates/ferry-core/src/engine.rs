@@ -82,6 +82,11 @@ impl InvokeReply {
     pub fn handler_id(&self) -> &str {
         &self.handler_id
     }
+
+    /// The invocation's request_id, when the peer sent one.
+    pub fn request_id(&self) -> Option<&RequestId> {
+        self.request_id.as_ref()
+    }
 }
 
 /// The answer to an incoming `invoke_handler`.

@@ -386,7 +386,14 @@ fn spawn_call(
     let handle = shared.handlers.spawn(async move {
         let outcome = AssertUnwindSafe(fut).catch_unwind().await;
         let mut st = task_shared.state.lock();
-        st.running.remove(&rid);
+        // A peer may reuse an id; only remove the entry if it is still this task's.
+        if st
+            .running
+            .get(&rid)
+            .is_some_and(|h| h.id() == tokio::task::id())
+        {
+            st.running.remove(&rid);
+        }
         match outcome {
             Ok(Ok(result)) => st.engine.respond(&rid, Ok(result.as_bytes())),
             Ok(Err(rej)) => st.engine.respond(&rid, Err((&rej.message, &rej.kind))),
@@ -406,7 +413,7 @@ fn spawn_invoke(shared: &Arc<Shared>, reply: InvokeReply, request: Payload) {
         connection: Connection {
             shared: shared.clone(),
         },
-        request_id: None,
+        request_id: reply.request_id().cloned(),
     };
     let fut = shared
         .router
