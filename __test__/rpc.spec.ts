@@ -36,6 +36,9 @@ test('add, multiply, fibonacci, is_prime, sum_array', async (t) => {
   t.is(await client.call('is_prime', { n: 7919 }), true)
   t.is(await client.call('is_prime', { n: 7917 }), false)
   t.is(await client.call('is_prime', { n: 1 }), false)
+  // JS numbers beyond 32 bits travel as float64; whole ones still fit integer params.
+  t.is(await client.call('is_prime', { n: 4294967311 }), true)
+  t.is(await client.call('fibonacci', { n: 2 ** 40 }).catch((e) => e.code), 'ERR_FERRY_INVALID_PARAMS')
   t.is(await client.call('sum_array', { values: [1, 2, 3.5] }), 6.5)
   t.is(await client.call('sum_array', { values: [] }), 0)
 })

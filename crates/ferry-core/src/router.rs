@@ -162,9 +162,46 @@ pub struct Router {
 }
 
 fn decode_params<P: DeserializeOwned>(params: &Payload) -> Result<P, Rejection> {
-    params
-        .decode()
-        .map_err(|e| Rejection::invalid_params(format!("params do not match: {e}")))
+    params.decode().or_else(|e| {
+        // JavaScript numbers are doubles: msgpack encoders in JS write whole numbers beyond
+        // 32 bits as float64. Retry with whole floats as integers, so `{n: 2**40}` fits a
+        // `u64` field. Only the failure path pays for this.
+        let mut value = params.to_value();
+        if integralize(&mut value) {
+            if let Ok(p) = Payload::from_value(&value).decode() {
+                return Ok(p);
+            }
+        }
+        Err(Rejection::invalid_params(format!(
+            "params do not match: {e}"
+        )))
+    })
+}
+
+/// Replaces floats that hold whole numbers within the 64-bit integer range by integers.
+/// Returns whether anything changed.
+fn integralize(v: &mut Value) -> bool {
+    match v {
+        Value::F64(x)
+            if x.fract() == 0.0
+                && *x >= -9.223_372_036_854_775_808e18
+                && *x < 1.844_674_407_370_955_2e19 =>
+        {
+            *v = if *x < 0.0 {
+                Value::from(*x as i64)
+            } else {
+                Value::from(*x as u64)
+            };
+            true
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, i| integralize(i) | changed),
+        Value::Map(entries) => entries
+            .iter_mut()
+            .fold(false, |changed, (_, i)| integralize(i) | changed),
+        _ => false,
+    }
 }
 
 fn encode_result<R: Serialize>(r: &R) -> Result<Payload, Rejection> {
@@ -319,5 +356,42 @@ impl Router {
         request: Payload,
     ) -> Option<BoxFuture<Result<HttpResponse, Rejection>>> {
         self.routes.get(handler_id).map(|f| f(ctx, request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, Debug, PartialEq)]
+    struct N {
+        n: u64,
+        list: Vec<i64>,
+    }
+
+    #[test]
+    fn whole_floats_decode_into_integer_fields() {
+        let p = Payload::from_value(&Value::Map(vec![
+            (Value::from("n"), Value::F64(2f64.powi(40))),
+            (
+                Value::from("list"),
+                Value::Array(vec![Value::F64(-3.0), Value::from(4)]),
+            ),
+        ]));
+        assert_eq!(
+            decode_params::<N>(&p).unwrap(),
+            N {
+                n: 1 << 40,
+                list: vec![-3, 4]
+            }
+        );
+        let frac = Payload::from_value(&Value::Map(vec![
+            (Value::from("n"), Value::F64(1.5)),
+            (Value::from("list"), Value::Array(vec![])),
+        ]));
+        assert_eq!(
+            decode_params::<N>(&frac).unwrap_err().kind,
+            ErrorType::InvalidParams
+        );
     }
 }
