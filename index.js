@@ -180,7 +180,9 @@ class RpcConnection {
   close() {
     if (!this._closed) {
       this._finish(null)
-      this._socket.end()
+      // Destroy once our frames are flushed rather than wait for the peer's FIN: the socket
+      // is unref'd now, and an idle process must be able to await close() and go on.
+      this._socket.end(() => this._socket.destroy())
     }
     return this._closedPromise
   }
@@ -246,7 +248,7 @@ class RpcConnection {
     this._flushNow()
     if (fatal !== null) {
       this._finish(fatal)
-      this._socket.end()
+      this._socket.end(() => this._socket.destroy())
       return
     }
     this._updateRef()
@@ -481,14 +483,31 @@ class RpcServer {
    */
   static async listen(socketPath, options = {}) {
     await clearStaleSocket(socketPath)
+    // Bind a private name, then hard-link it to the real path: the link fails if anyone took
+    // the path meanwhile (no stealing), and libuv, which unlinks the bound name on close, never
+    // removes a successor's socket file; close() removes the real path only if it is ours.
+    const tmp = `${socketPath}.${process.pid}.${Math.random().toString(36).slice(2, 8)}`
     const server = net.createServer()
     await new Promise((resolve, reject) => {
       server.once('error', reject)
-      server.listen(socketPath, () => {
+      server.listen(tmp, () => {
         server.off('error', reject)
         resolve()
       })
     })
+    try {
+      fs.linkSync(tmp, socketPath)
+    } catch (e) {
+      server.close()
+      if (e.code === 'EEXIST') {
+        throw new RpcError(`cannot listen on ${socketPath}: the path was taken meanwhile`, 'ERR_FERRY_ADDR_IN_USE')
+      }
+      throw e
+    } finally {
+      try {
+        fs.unlinkSync(tmp)
+      } catch {}
+    }
     server.on('error', () => {})
     const s = new RpcServer(server, socketPath, options)
     if (!options.ref) server.unref()

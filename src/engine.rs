@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_core::engine::{Deadline, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
-use ferry_core::message::validate_value;
+use ferry_core::message::normalize_whole_floats;
 use ferry_core::{Error as CoreError, ErrorType, Payload, RequestId};
 use napi::bindgen_prelude::*;
 use napi::sys;
@@ -119,7 +119,7 @@ impl NativeEngine {
     fn start(
         &mut self,
         env: &Env,
-        payload: &[u8],
+        checked: std::result::Result<(), ferry_core::message::DecodeError>,
         begin: impl FnOnce(
             &mut Engine<Deferred>,
             Deferred,
@@ -127,7 +127,7 @@ impl NativeEngine {
     ) -> Result<RawValue> {
         let env = env.raw();
         let (deferred, promise) = raw::create_promise(env)?;
-        if let Err(e) = validate_value(payload) {
+        if let Err(e) = checked {
             let err = CoreError::Encode(format!("not one MessagePack value: {e}"));
             self.settle(env, deferred, Err(err));
             return Ok(RawValue(promise));
@@ -146,11 +146,12 @@ impl NativeEngine {
         &mut self,
         env: Env,
         name: String,
-        params: BufferSlice,
+        mut params: BufferSlice,
         timeout_ms: f64,
     ) -> Result<RawValue> {
         let deadline = Self::deadline(timeout_ms);
-        self.start(&env, &params, |engine, d| {
+        let checked = normalize_whole_floats(&mut params);
+        self.start(&env, checked, |engine, d| {
             engine.call(&name, &params, deadline, d)
         })
     }
@@ -162,11 +163,12 @@ impl NativeEngine {
         &mut self,
         env: Env,
         handler_id: String,
-        request: BufferSlice,
+        mut request: BufferSlice,
         timeout_ms: f64,
     ) -> Result<RawValue> {
         let deadline = Self::deadline(timeout_ms);
-        self.start(&env, &request, |engine, d| {
+        let checked = normalize_whole_floats(&mut request);
+        self.start(&env, checked, |engine, d| {
             engine.invoke(&handler_id, &request, deadline, d)
         })
     }
@@ -303,12 +305,12 @@ impl NativeEngine {
 
     /// Answers the peer's call `token` with a MessagePack-encoded result.
     #[napi]
-    pub fn reply(&mut self, token: u32, result: BufferSlice) -> Result<()> {
+    pub fn reply(&mut self, token: u32, mut result: BufferSlice) -> Result<()> {
         let id = self
             .calls
             .try_remove(token as usize)
             .ok_or_else(|| bad_arg("unknown call token"))?;
-        match validate_value(&result) {
+        match normalize_whole_floats(&mut result) {
             Ok(()) => self.engine.respond(&id, Ok(&result)),
             Err(e) => {
                 let msg = format!("the result is not one MessagePack value: {e}");
@@ -337,15 +339,17 @@ impl NativeEngine {
         &mut self,
         token: u32,
         status: u32,
-        headers: BufferSlice,
-        body: BufferSlice,
+        mut headers: BufferSlice,
+        mut body: BufferSlice,
     ) -> Result<()> {
         let reply = self
             .invokes
             .try_remove(token as usize)
             .ok_or_else(|| bad_arg("unknown invocation token"))?;
         let status = u16::try_from(status).unwrap_or(500);
-        if validate_value(&headers).is_err() || validate_value(&body).is_err() {
+        if normalize_whole_floats(&mut headers).is_err()
+            || normalize_whole_floats(&mut body).is_err()
+        {
             let outcome = InvokeOutcome::Error {
                 code: ferry_core::message::codes::HANDLER_EXECUTION_ERROR,
                 message: "the handler's response is not encodable",

@@ -365,9 +365,17 @@ impl<'a> Reader<'a> {
     /// Skips one value without recursion; the count of values still to skip can never
     /// exceed the bytes left, which bounds the work for hostile lengths.
     fn skip_value(&mut self) -> DResult<()> {
+        self.skip_value_with(&mut |_| {})
+    }
+
+    /// [`Reader::skip_value`], calling `on_f64` with the offset of every float64 marker.
+    fn skip_value_with(&mut self, on_f64: &mut dyn FnMut(usize)) -> DResult<()> {
         let mut remaining: u64 = 1;
         while remaining > 0 {
             remaining -= 1;
+            if self.buf.get(self.pos) == Some(&0xcb) {
+                on_f64(self.pos);
+            }
             let m = self.u8()?;
             let (skip, children): (u64, u64) = match m {
                 0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
@@ -399,6 +407,37 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
+}
+
+/// Like [`validate_value`], and rewrites in place every float64 that holds a whole number
+/// within the 64-bit integer range as that integer (`uint 64` or `int 64`: the same 9 bytes).
+///
+/// JavaScript has one number type, and JS MessagePack encoders (msgpackr) write whole numbers
+/// beyond 32 bits as float64; the Node side normalizes them so that `2 ** 40` reaches any peer
+/// as the integer it is, like `2 ** 20` does.
+pub fn normalize_whole_floats(bytes: &mut [u8]) -> Result<(), DecodeError> {
+    let mut floats = Vec::new();
+    let mut r = Reader::new(bytes);
+    r.skip_value_with(&mut |at| floats.push(at))?;
+    if r.pos != bytes.len() {
+        return Err(DecodeError::bad("trailing bytes after the value"));
+    }
+    for at in floats {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&bytes[at + 1..at + 9]);
+        let x = f64::from_be_bytes(raw);
+        if x.fract() != 0.0 || !x.is_finite() {
+            continue;
+        }
+        if (0.0..18_446_744_073_709_551_616.0).contains(&x) {
+            bytes[at] = 0xcf;
+            bytes[at + 1..at + 9].copy_from_slice(&(x as u64).to_be_bytes());
+        } else if (-9_223_372_036_854_775_808.0..0.0).contains(&x) {
+            bytes[at] = 0xd3;
+            bytes[at + 1..at + 9].copy_from_slice(&(x as i64).to_be_bytes());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -768,13 +807,20 @@ pub fn encode_cancel(out: &mut Vec<u8>, request_id: &RequestId) {
 }
 
 /// Builds the `{status, headers, body}` map that an answered `invoke_handler` resolves to.
+/// Nil (or absent) headers become an empty map, so callers always get a map.
 pub fn handler_result(status: u16, headers: &Payload, body: &Payload) -> Payload {
+    const EMPTY_MAP: &[u8] = &[0x80];
+    let headers_bytes: &[u8] = if headers.is_nil() {
+        EMPTY_MAP
+    } else {
+        &headers.0
+    };
     let mut out = Vec::with_capacity(32 + headers.0.len() + body.0.len());
     w_map(&mut out, 3);
     w_str(&mut out, "status");
     w_uint(&mut out, status as u64);
     w_str(&mut out, "headers");
-    out.extend_from_slice(&headers.0);
+    out.extend_from_slice(headers_bytes);
     w_str(&mut out, "body");
     out.extend_from_slice(&body.0);
     Payload(out.into())
@@ -998,6 +1044,28 @@ mod tests {
         w_str(&mut body, "params");
         body.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
         assert!(decode(&body.into()).is_err());
+    }
+
+    #[test]
+    fn whole_floats_become_integers() {
+        let value = rmpv::Value::Array(vec![
+            rmpv::Value::F64(2f64.powi(40)),
+            rmpv::Value::F64(-(2f64.powi(40))),
+            rmpv::Value::F64(1.5),
+            rmpv::Value::F64(1e300),
+            rmpv::Value::Binary(vec![0xcb; 9]),
+        ]);
+        let mut bytes = Payload::from_value(&value).as_bytes().to_vec();
+        let len = bytes.len();
+        normalize_whole_floats(&mut bytes).unwrap();
+        assert_eq!(bytes.len(), len);
+        let back = Payload::from_msgpack(bytes).unwrap().to_value();
+        assert_eq!(back[0], rmpv::Value::from(1u64 << 40));
+        assert_eq!(back[1], rmpv::Value::from(-(1i64 << 40)));
+        assert_eq!(back[2], rmpv::Value::F64(1.5));
+        assert_eq!(back[3], rmpv::Value::F64(1e300));
+        assert_eq!(back[4], rmpv::Value::Binary(vec![0xcb; 9]));
+        assert!(normalize_whole_floats(&mut [0xcb, 0, 0]).is_err());
     }
 
     #[test]
