@@ -182,11 +182,7 @@ fn decode_params<P: DeserializeOwned>(params: &Payload) -> Result<P, Rejection> 
 /// Returns whether anything changed.
 fn integralize(v: &mut Value) -> bool {
     match v {
-        Value::F64(x)
-            if x.fract() == 0.0
-                && *x >= -9.223_372_036_854_775_808e18
-                && *x < 1.844_674_407_370_955_2e19 =>
-        {
+        Value::F64(x) if x.fract() == 0.0 && *x >= i64::MIN as f64 && *x < 2f64.powi(64) => {
             *v = if *x < 0.0 {
                 Value::from(*x as i64)
             } else {
