@@ -49,6 +49,11 @@ function handlerErrorMessage(e) {
   }
 }
 
+function register(map, name, handler) {
+  if (typeof handler !== 'function') throw new TypeError('handler must be a function')
+  map.set(String(name), handler)
+}
+
 /**
  * One connection, both directions. Created by RpcClient.connect or by RpcServer for each
  * peer; the socket belongs to it.
@@ -84,36 +89,27 @@ class RpcConnection {
    * Calls the peer's function `name`. See index.d.ts.
    */
   call(name, params, options) {
-    const signal = options?.signal
-    if (signal?.aborted) {
-      return Promise.reject(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
-    }
-    let buffer
-    try {
-      buffer = pack(params)
-    } catch (e) {
-      return Promise.reject(new RpcError(`could not encode params: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
-    }
-    const timeoutMs = options?.timeoutMs ?? this._defaultTimeoutMs
-    const promise = this._native.call(String(name), buffer, timeoutMs)
-    return this._track(promise, timeoutMs, signal)
+    return this._request(this._native.call, String(name), params, 'params', options)
   }
 
   /** Invokes the peer's route handler `handlerId` with an HTTP-like request. */
   invokeHandler(handlerId, request, options) {
+    return this._request(this._native.invoke, String(handlerId), request ?? {}, 'request', options)
+  }
+
+  _request(start, name, value, what, options) {
     const signal = options?.signal
     if (signal?.aborted) {
       return Promise.reject(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
     }
     let buffer
     try {
-      buffer = pack(request ?? {})
+      buffer = pack(value)
     } catch (e) {
-      return Promise.reject(new RpcError(`could not encode request: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
+      return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
     }
     const timeoutMs = options?.timeoutMs ?? this._defaultTimeoutMs
-    const promise = this._native.invoke(String(handlerId), buffer, timeoutMs)
-    return this._track(promise, timeoutMs, signal)
+    return this._track(start.call(this._native, name, buffer, timeoutMs), timeoutMs, signal)
   }
 
   _track(promise, timeoutMs, signal) {
@@ -137,15 +133,13 @@ class RpcConnection {
 
   /** Serves the peer's `rpc_call`s of `name` on this connection. */
   handle(name, handler) {
-    if (typeof handler !== 'function') throw new TypeError('handler must be a function')
-    this._handlers.set(String(name), handler)
+    register(this._handlers, name, handler)
     return this
   }
 
   /** Serves the peer's `invoke_handler`s of `handlerId` on this connection. */
   handleRoute(handlerId, handler) {
-    if (typeof handler !== 'function') throw new TypeError('handler must be a function')
-    this._routes.set(String(handlerId), handler)
+    register(this._routes, handlerId, handler)
     return this
   }
 
@@ -526,15 +520,13 @@ class RpcServer {
 
   /** Serves `rpc_call`s of `name` from every peer. */
   handle(name, handler) {
-    if (typeof handler !== 'function') throw new TypeError('handler must be a function')
-    this._handlers.set(String(name), handler)
+    register(this._handlers, name, handler)
     return this
   }
 
   /** Serves `invoke_handler`s of `handlerId` from every peer. */
   handleRoute(handlerId, handler) {
-    if (typeof handler !== 'function') throw new TypeError('handler must be a function')
-    this._routes.set(String(handlerId), handler)
+    register(this._routes, handlerId, handler)
     return this
   }
 
