@@ -74,8 +74,9 @@ export declare class RpcError extends Error {
 /** Options of one call. */
 export interface CallOptions {
   /**
-   * Reject with `ERR_FERRY_TIMEOUT` if no answer arrives within this many milliseconds; 0
-   * waits forever. The peer is sent a `cancel`.
+   * Reject with `ERR_FERRY_TIMEOUT` if no answer arrives within this many milliseconds; 0 or
+   * Infinity waits forever; a negative value rejects at once with `ERR_FERRY_TIMEOUT`; NaN or
+   * a non-number rejects with a `TypeError`. The peer is sent a `cancel`.
    * @default the connection's `timeoutMs` (30000)
    */
   timeoutMs?: number
@@ -112,6 +113,8 @@ export interface ClientOptions extends ConnectionOptions {
    * @default 5000
    */
   connectTimeoutMs?: number
+  /** Aborting stops the connect retries; the connect rejects with `ERR_FERRY_CANCELLED`. */
+  signal?: AbortSignal
 }
 
 /** Options of {@link RpcServer.listen}. */
@@ -226,7 +229,8 @@ export declare class RpcServer {
   unref(): this
   /**
    * Stops accepting, waits up to `graceMs` for running handlers to answer, closes every
-   * connection and removes the socket file.
+   * connection and removes the socket file. (A handler that itself awaits `close()` counts as
+   * running, so it makes close wait the whole grace period.)
    */
   close(options?: {
     /** @default 5000 */
@@ -235,8 +239,10 @@ export declare class RpcServer {
 }
 
 /**
- * Connects the process-wide client that {@link rpc} uses, replacing (and closing) any
- * previous one. Retries until the socket answers or `connectTimeoutMs` passes.
+ * Connects the process-wide client that {@link rpc} uses, replacing (and then closing) any
+ * previous one once the new one is connected. Retries until the socket answers or
+ * `connectTimeoutMs` passes. Calls made meanwhile wait for it. A later `initRpcClient` or
+ * `closeRpcClient` supersedes it: it then closes its client and rejects with `ERR_FERRY_CLOSED`.
  */
 export declare function initRpcClient(socketPath: string, options?: ClientOptions): Promise<RpcClient>
 

@@ -7,6 +7,7 @@
 
 const fs = require('node:fs')
 const net = require('node:net')
+const path = require('node:path')
 const { Packr } = require('msgpackr')
 const { NativeEngine } = require('./native.js')
 
@@ -27,6 +28,12 @@ const WIRE_ERROR_TYPES = new Set(['NotFound', 'InvalidParams', 'HandlerError', '
 const DEFAULT_TIMEOUT_MS = 30_000
 const DEFAULT_CONNECT_TIMEOUT_MS = 5_000
 const DEFAULT_CLOSE_GRACE_MS = 5_000
+/** How long close() waits for queued frames to flush before destroying the socket. */
+const CLOSE_FLUSH_MS = 2_000
+/** The longest Unix socket path Linux accepts (sun_path less its terminating NUL). */
+const MAX_SOCKET_PATH = 107
+/** setTimeout's largest delay; longer deadlines re-arm. */
+const MAX_TIMER_MS = 2 ** 31 - 1
 
 /** Every failure of a Ferry call: `code` says which, `errorType` carries the peer's. */
 class RpcError extends Error {
@@ -109,12 +116,21 @@ class RpcConnection {
       return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
     }
     const timeoutMs = options?.timeoutMs ?? this._defaultTimeoutMs
+    if (typeof timeoutMs !== 'number' || Number.isNaN(timeoutMs)) {
+      const err = new TypeError(`timeoutMs must be a number, got ${typeof timeoutMs === 'number' ? 'NaN' : typeof timeoutMs}`)
+      err.code = 'ERR_INVALID_ARG_TYPE'
+      return Promise.reject(err)
+    }
+    if (timeoutMs < 0) {
+      // A deadline already in the past (a computed budget that ran out) fails at once.
+      return Promise.reject(new RpcError(`call timed out: timeoutMs is ${timeoutMs}`, 'ERR_FERRY_TIMEOUT'))
+    }
     return this._track(start.call(this._native, name, buffer, timeoutMs), timeoutMs, signal)
   }
 
   _track(promise, timeoutMs, signal) {
-    if (signal) {
-      const id = this._native.lastCallId()
+    const id = this._native.lastCallId()
+    if (signal && id !== 0) {
       const onAbort = () => {
         if (this._native.cancel(id)) this._afterSettle()
       }
@@ -122,7 +138,7 @@ class RpcConnection {
       const cleanup = () => signal.removeEventListener('abort', onAbort)
       promise.then(cleanup, cleanup)
     }
-    if (timeoutMs > 0) {
+    if (timeoutMs > 0 && id !== 0) {
       const at = performance.now() + timeoutMs
       if (at < this._timerAt) this._armTimer()
     }
@@ -174,11 +190,21 @@ class RpcConnection {
   close() {
     if (!this._closed) {
       this._finish(null)
-      // Destroy once our frames are flushed rather than wait for the peer's FIN: the socket
-      // is unref'd now, and an idle process must be able to await close() and go on.
-      this._socket.end(() => this._socket.destroy())
+      this._endSocket()
     }
     return this._closedPromise
+  }
+
+  /**
+   * Ends the socket once queued frames are flushed, without waiting for the peer's FIN (the
+   * socket is unref'd, and an idle process must be able to await close() and go on), and
+   * destroys it anyway after CLOSE_FLUSH_MS if the peer does not read.
+   */
+  _endSocket() {
+    const socket = this._socket
+    const timer = setTimeout(() => socket.destroy(), CLOSE_FLUSH_MS)
+    socket.once('close', () => clearTimeout(timer))
+    socket.end(() => socket.destroy())
   }
 
   _scheduleFlush() {
@@ -202,8 +228,9 @@ class RpcConnection {
     const ms = this._native.nextDeadlineMs()
     if (ms < 0) return
     // The timer never holds the process open by itself: a pending call refs the socket.
-    this._timer = setTimeout(this._onTimer, Math.ceil(ms)).unref()
-    this._timerAt = performance.now() + ms
+    const delay = Math.min(Math.ceil(ms), MAX_TIMER_MS)
+    this._timer = setTimeout(this._onTimer, delay).unref()
+    this._timerAt = performance.now() + delay
   }
 
   _expire() {
@@ -242,7 +269,7 @@ class RpcConnection {
     this._flushNow()
     if (fatal !== null) {
       this._finish(fatal)
-      this._socket.end(() => this._socket.destroy())
+      this._endSocket()
       return
     }
     this._updateRef()
@@ -382,7 +409,18 @@ function connectOnce(path) {
   })
 }
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+/** Resolves after `ms`, or as soon as `signal` aborts. */
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', done)
+      resolve()
+    }
+    const timer = setTimeout(done, ms)
+    signal?.addEventListener('abort', done, { once: true })
+  })
+}
 
 /** A connection made by connecting to a listening peer. */
 class RpcClient extends RpcConnection {
@@ -392,11 +430,19 @@ class RpcClient extends RpcConnection {
    */
   static async connect(socketPath, options = {}) {
     const connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS
+    const signal = options.signal
     const deadline = performance.now() + connectTimeoutMs
     let delay = 5
     for (;;) {
+      if (signal?.aborted) {
+        throw new RpcError(`connecting to ${socketPath} was aborted`, 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason })
+      }
       try {
         const socket = await connectOnce(socketPath)
+        if (signal?.aborted) {
+          socket.destroy()
+          continue
+        }
         return new RpcClient(socket, options)
       } catch (err) {
         if (!isRetryableConnectError(err)) {
@@ -411,7 +457,7 @@ class RpcClient extends RpcConnection {
             { cause: err },
           )
         }
-        await sleep(Math.min(delay, left))
+        await sleep(Math.min(delay, left), signal)
         delay = Math.min(delay * 2, 100)
       }
     }
@@ -480,27 +526,36 @@ class RpcServer {
     // Bind a private name, then hard-link it to the real path: the link fails if anyone took
     // the path meanwhile (no stealing), and libuv, which unlinks the bound name on close, never
     // removes a successor's socket file; close() removes the real path only if it is ours.
-    const tmp = `${socketPath}.${process.pid}.${Math.random().toString(36).slice(2, 8)}`
+    if (Buffer.byteLength(socketPath) > MAX_SOCKET_PATH) {
+      const err = new TypeError(`cannot listen on ${socketPath}: Unix socket paths are limited to ${MAX_SOCKET_PATH} bytes`)
+      err.code = 'ERR_INVALID_ARG_VALUE'
+      throw err
+    }
+    const tmp = path.join(path.dirname(socketPath), `.ferry-${Math.random().toString(36).slice(2, 10)}`)
+    // A path too close to the limit for the private name is bound directly.
+    const viaLink = Buffer.byteLength(tmp) <= MAX_SOCKET_PATH
     const server = net.createServer()
     await new Promise((resolve, reject) => {
       server.once('error', reject)
-      server.listen(tmp, () => {
+      server.listen(viaLink ? tmp : socketPath, () => {
         server.off('error', reject)
         resolve()
       })
     })
-    try {
-      fs.linkSync(tmp, socketPath)
-    } catch (e) {
-      server.close()
-      if (e.code === 'EEXIST') {
-        throw new RpcError(`cannot listen on ${socketPath}: the path was taken meanwhile`, 'ERR_FERRY_ADDR_IN_USE')
-      }
-      throw e
-    } finally {
+    if (viaLink) {
       try {
-        fs.unlinkSync(tmp)
-      } catch {}
+        fs.linkSync(tmp, socketPath)
+      } catch (e) {
+        server.close()
+        if (e.code === 'EEXIST') {
+          throw new RpcError(`cannot listen on ${socketPath}: the path was taken meanwhile`, 'ERR_FERRY_ADDR_IN_USE')
+        }
+        throw e
+      } finally {
+        try {
+          fs.unlinkSync(tmp)
+        } catch {}
+      }
     }
     server.on('error', () => {})
     const s = new RpcServer(server, socketPath, options)
@@ -577,33 +632,59 @@ class RpcServer {
 // ----- the process-wide client ------------------------------------------------------------
 
 let globalClient = null
+/** The initRpcClient in flight, if any: calls made meanwhile wait for it. */
 let globalConnecting = null
+/** Bumped by every initRpcClient and closeRpcClient: an init that finds it changed was superseded. */
+let generation = 0
+/** Stops the retry loop of the init in flight. */
+let connectAbort = null
 
 /** Connects the process-wide client used by `rpc.call`. */
-async function initRpcClient(socketPath, options = {}) {
-  const previous = globalClient
-  globalClient = null
-  const connecting = RpcClient.connect(socketPath, options)
-  globalConnecting = connecting
-  try {
-    const client = await connecting
-    if (globalConnecting === connecting) {
-      globalClient = client
-      globalConnecting = null
+function initRpcClient(socketPath, options = {}) {
+  const gen = ++generation
+  connectAbort?.abort()
+  const abort = new AbortController()
+  connectAbort = abort
+  const signal = options.signal ? AbortSignal.any([options.signal, abort.signal]) : abort.signal
+  const superseded = () =>
+    new RpcError('initRpcClient was superseded by a later initRpcClient or closeRpcClient', 'ERR_FERRY_CLOSED')
+  const init = (async () => {
+    let client
+    try {
+      client = await RpcClient.connect(socketPath, { ...options, signal })
+    } catch (e) {
+      throw gen !== generation ? superseded() : e
     }
-    return client
-  } finally {
-    if (globalConnecting === connecting && globalClient === null) globalConnecting = null
+    if (gen !== generation) {
+      await client.close()
+      throw superseded()
+    }
+    // The previous client is replaced only once the new one works.
+    const previous = globalClient
+    globalClient = client
     if (previous) await previous.close()
+    return client
+  })()
+  globalConnecting = init
+  const clear = () => {
+    if (globalConnecting === init) globalConnecting = null
+    if (connectAbort === abort) connectAbort = null
   }
+  init.then(clear, clear)
+  return init
 }
 
 /** Closes the process-wide client; every pending call settles. */
 async function closeRpcClient() {
+  generation++
+  connectAbort?.abort()
   const client = globalClient
+  const connecting = globalConnecting
   globalClient = null
   globalConnecting = null
   if (client) await client.close()
+  // An init in flight stops retrying, closes any client it got and rejects.
+  if (connecting) await connecting.catch(() => {})
 }
 
 function notInitialized() {
@@ -614,22 +695,55 @@ function notInitialized() {
   )
 }
 
-async function lazyClient() {
-  if (globalConnecting) return globalConnecting
-  const path = process.env.FERRY_SOCKET
-  if (!path) throw notInitialized()
-  return initRpcClient(path)
+/**
+ * Waits for the client being connected (or connects to FERRY_SOCKET), within the call's own
+ * signal and timeout; resolves with the client and the options left for the call itself.
+ */
+function lazyClient(options) {
+  let connecting = globalConnecting
+  if (!connecting) {
+    const envPath = process.env.FERRY_SOCKET
+    if (!envPath) return Promise.reject(notInitialized())
+    connecting = initRpcClient(envPath)
+  }
+  const signal = options?.signal
+  const timeoutMs = options?.timeoutMs
+  if (!signal && !(timeoutMs > 0)) return connecting.then((client) => [client, options])
+  const started = performance.now()
+  return new Promise((resolve, reject) => {
+    let timer = null
+    const onAbort = () => finish(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
+    const finish = (err, client) => {
+      if (timer) clearTimeout(timer)
+      signal?.removeEventListener('abort', onAbort)
+      if (err) return reject(err)
+      const left = timeoutMs > 0 ? Math.max(timeoutMs - (performance.now() - started), 0.001) : timeoutMs
+      resolve([client, { ...options, timeoutMs: left }])
+    }
+    if (signal?.aborted) return onAbort()
+    signal?.addEventListener('abort', onAbort, { once: true })
+    if (timeoutMs > 0) {
+      timer = setTimeout(
+        () => finish(new RpcError(`call timed out after ${timeoutMs} ms while connecting`, 'ERR_FERRY_TIMEOUT')),
+        Math.min(timeoutMs, MAX_TIMER_MS),
+      )
+    }
+    connecting.then(
+      (client) => finish(null, client),
+      (err) => finish(err),
+    )
+  })
 }
 
 /** The process-wide client's calls. */
 const rpc = {
   call(name, params, options) {
     if (globalClient !== null) return globalClient.call(name, params, options)
-    return lazyClient().then((client) => client.call(name, params, options))
+    return lazyClient(options).then(([client, opts]) => client.call(name, params, opts))
   },
   invokeHandler(handlerId, request, options) {
     if (globalClient !== null) return globalClient.invokeHandler(handlerId, request, options)
-    return lazyClient().then((client) => client.invokeHandler(handlerId, request, options))
+    return lazyClient(options).then(([client, opts]) => client.invokeHandler(handlerId, request, opts))
   },
   /** The connected process-wide client, or null. */
   get client() {

@@ -111,9 +111,15 @@ impl NativeEngine {
         }
     }
 
+    /// The deadline for a timeout in milliseconds; `None` (no deadline) for zero, infinite or
+    /// out-of-range values. The wrapper rejects negative and NaN timeouts before this.
     fn deadline(timeout_ms: f64) -> Option<Deadline> {
-        (timeout_ms > 0.0 && timeout_ms.is_finite())
-            .then(|| Deadline::after(Duration::from_secs_f64(timeout_ms / 1000.0)))
+        if timeout_ms.is_nan() || timeout_ms <= 0.0 {
+            return None;
+        }
+        let timeout = Duration::try_from_secs_f64(timeout_ms / 1000.0).ok()?;
+        let at = Instant::now().checked_add(timeout)?;
+        Some(Deadline { at, timeout })
     }
 
     fn start(
@@ -132,6 +138,9 @@ impl NativeEngine {
             self.settle(env, deferred, Err(err));
             return Ok(RawValue(promise));
         }
+        // 0 is never a call id: a call that fails at once must not leave the previous call's
+        // id behind for the wrapper to cancel.
+        self.last_id = 0;
         match begin(&mut self.engine, deferred) {
             Ok(id) => self.last_id = id,
             Err((e, deferred)) => self.settle(env, deferred, Err(e)),
@@ -173,7 +182,8 @@ impl NativeEngine {
         })
     }
 
-    /// The id of the last call or invocation queued, for [`NativeEngine::cancel`].
+    /// The id of the last call or invocation queued, for [`NativeEngine::cancel`]; 0 when the
+    /// last one failed before it was queued.
     #[napi]
     pub fn last_call_id(&self) -> f64 {
         self.last_id as f64
@@ -209,19 +219,21 @@ impl NativeEngine {
                     function_name,
                     params,
                 } => {
-                    let token = self.calls.insert(request_id) as u32;
-                    incoming.push(raw::uint(raw_env, INCOMING_CALL)?);
-                    incoming.push(raw::uint(raw_env, token)?);
-                    incoming.push(raw::string(raw_env, &function_name)?);
-                    incoming.push(raw::buffer_copy(raw_env, params.as_bytes())?);
+                    // Build every JS value first: a failure must not leave a token behind.
+                    let kind = raw::uint(raw_env, INCOMING_CALL)?;
+                    let name = raw::string(raw_env, &function_name)?;
+                    let params = raw::buffer_copy(raw_env, params.as_bytes())?;
+                    let token = raw::uint(raw_env, self.calls.vacant_key() as u32)?;
+                    self.calls.insert(request_id);
+                    incoming.extend([kind, token, name, params]);
                 }
                 Event::Invoke { reply, request } => {
+                    let kind = raw::uint(raw_env, INCOMING_INVOKE)?;
                     let handler = raw::string(raw_env, reply.handler_id())?;
-                    let token = self.invokes.insert(reply) as u32;
-                    incoming.push(raw::uint(raw_env, INCOMING_INVOKE)?);
-                    incoming.push(raw::uint(raw_env, token)?);
-                    incoming.push(handler);
-                    incoming.push(raw::buffer_copy(raw_env, request.as_bytes())?);
+                    let request = raw::buffer_copy(raw_env, request.as_bytes())?;
+                    let token = raw::uint(raw_env, self.invokes.vacant_key() as u32)?;
+                    self.invokes.insert(reply);
+                    incoming.extend([kind, token, handler, request]);
                 }
                 // JS handlers run to completion; their answer is then ignored by the peer.
                 Event::Cancel { .. } => {}

@@ -176,7 +176,6 @@ pub struct Engine<T> {
     /// Encoded answers to the peer's id-less invocations, held until every earlier one is done.
     ordered: VecDeque<Option<Vec<u8>>>,
     ordered_base: u64,
-    events: VecDeque<Event<T>>,
     failed: bool,
     closed: Option<Closed>,
 }
@@ -195,7 +194,6 @@ impl<T> Engine<T> {
             deadlines: BTreeSet::new(),
             ordered: VecDeque::new(),
             ordered_base: 0,
-            events: VecDeque::new(),
             failed: false,
             closed: None,
         }
@@ -465,9 +463,6 @@ impl<T> Engine<T> {
     /// The next thing the driver must act on, decoding buffered frames as needed.
     pub fn poll_event(&mut self) -> Option<Event<T>> {
         loop {
-            if let Some(ev) = self.events.pop_front() {
-                return Some(ev);
-            }
             if self.failed {
                 return None;
             }
@@ -679,17 +674,7 @@ impl<T> Engine<T> {
         }
         self.deadlines.clear();
         self.invoke_order.clear();
-        let mut out: Vec<(T, Error)> = self
-            .events
-            .drain(..)
-            .filter_map(|ev| match ev {
-                Event::Settled {
-                    token,
-                    result: Err(e),
-                } => Some((token, e)),
-                _ => None,
-            })
-            .collect();
+        let mut out = Vec::with_capacity(self.pending.len());
         let err = self.closed_error().expect("closed");
         let mut ids: Vec<u64> = self.pending.keys().copied().collect();
         ids.sort_unstable();

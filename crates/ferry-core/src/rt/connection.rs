@@ -326,6 +326,10 @@ fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
     let mut fatal = None;
     {
         let mut st = shared.state.lock();
+        if st.engine.is_closed() {
+            // Bytes read just before close(): start no more work.
+            return None;
+        }
         st.engine.feed(data);
         while let Some(ev) = st.engine.poll_event() {
             match ev {

@@ -1,0 +1,127 @@
+// Edge cases found in review: odd timeouts, aborts after local failures, closing against a
+// peer that never reads, and races of the process-wide client.
+import { createServer, type Socket } from 'node:net'
+import { join } from 'node:path'
+
+import test from 'ava'
+
+import { RpcClient, RpcError, RpcServer, closeRpcClient, initRpcClient, rpc } from '../index.js'
+import { startWorker, tempDir, type Worker } from './helpers'
+
+let worker: Worker
+let client: RpcClient
+
+test.before(async () => {
+  worker = await startWorker()
+  client = await RpcClient.connect(worker.socket)
+})
+
+test.after.always(async () => {
+  await client?.close()
+  await worker?.stop()
+})
+
+test('huge timeouts mean no deadline and never crash the process', async (t) => {
+  for (const timeoutMs of [3e9, 1e22, Number.MAX_VALUE, Infinity, 0]) {
+    t.is(await client.call('add', { a: 1, b: 2 }, { timeoutMs }), 3, String(timeoutMs))
+  }
+})
+
+test('a negative timeout fails at once; NaN and non-numbers are a TypeError', async (t) => {
+  const late = await t.throwsAsync(client.call('add', { a: 1, b: 2 }, { timeoutMs: -5 }), { instanceOf: RpcError })
+  t.is(late!.code, 'ERR_FERRY_TIMEOUT')
+  const nan = await t.throwsAsync(client.call('add', { a: 1, b: 2 }, { timeoutMs: NaN }), { instanceOf: TypeError })
+  t.is((nan as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE')
+  await t.throwsAsync(client.call('add', {}, { timeoutMs: '10' as unknown as number }), { instanceOf: TypeError })
+  t.is(await client.call('add', { a: 1, b: 2 }), 3)
+})
+
+test('aborting a call that failed locally does not cancel another call', async (t) => {
+  const c = await RpcClient.connect(worker.socket, { maxFrameBytes: 1024 })
+  const other = c.call('sleep', { ms: 50 })
+  const ac = new AbortController()
+  const big = c.call('echo', Buffer.alloc(4096), { signal: ac.signal })
+  ac.abort()
+  t.is((await t.throwsAsync(big, { instanceOf: RpcError }))!.code, 'ERR_FERRY_FRAME_TOO_LARGE')
+  t.is(await other, 50)
+  await c.close()
+})
+
+test('close() resolves even when the peer never reads', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const sockets: Socket[] = []
+  const silent = createServer((s) => {
+    s.pause() // accept, never read
+    sockets.push(s)
+  })
+  const path = join(dir, 'silent.sock')
+  await new Promise<void>((r) => silent.listen(path, r))
+  t.teardown(() => {
+    sockets.forEach((s) => s.destroy())
+    silent.close()
+  })
+  const c = await RpcClient.connect(path)
+  const pending = c.call('echo', Buffer.alloc(8 * 1024 * 1024))
+  await c.close()
+  t.true(c.closed)
+  t.is((await t.throwsAsync(pending, { instanceOf: RpcError }))!.code, 'ERR_FERRY_CLOSED')
+})
+
+test.serial('closeRpcClient during initRpcClient: the init rejects and no client is left', async (t) => {
+  await closeRpcClient()
+  const init = initRpcClient(worker.socket)
+  const call = rpc.call('add', { a: 1, b: 2 })
+  await closeRpcClient()
+  t.is((await t.throwsAsync(init, { instanceOf: RpcError }))!.code, 'ERR_FERRY_CLOSED')
+  t.is((await t.throwsAsync(call, { instanceOf: RpcError }))!.code, 'ERR_FERRY_CLOSED')
+  t.is(rpc.client, null)
+})
+
+test.serial('concurrent initRpcClient: the later one wins, the earlier one closes its client', async (t) => {
+  await closeRpcClient()
+  const first = initRpcClient(worker.socket)
+  const second = initRpcClient(worker.socket)
+  t.is((await t.throwsAsync(first, { instanceOf: RpcError }))!.code, 'ERR_FERRY_CLOSED')
+  const winner = await second
+  t.is(rpc.client, winner)
+  t.is(await rpc.call('add', { a: 2, b: 2 }), 4)
+  // A failed re-init keeps the working client.
+  await t.throwsAsync(initRpcClient(worker.socket + '.missing', { connectTimeoutMs: 50 }))
+  t.is(rpc.client, winner)
+  t.false(winner.closed)
+  await closeRpcClient()
+  t.true(winner.closed)
+})
+
+test.serial('a lazy FERRY_SOCKET connect honours the call timeout and signal', async (t) => {
+  await closeRpcClient()
+  const saved = process.env.FERRY_SOCKET
+  process.env.FERRY_SOCKET = worker.socket + '.missing'
+  try {
+    const e = await t.throwsAsync(rpc.call('add', { a: 1, b: 2 }, { timeoutMs: 50 }), { instanceOf: RpcError })
+    t.is(e!.code, 'ERR_FERRY_TIMEOUT')
+    await closeRpcClient()
+    const aborted = await t.throwsAsync(rpc.call('add', {}, { signal: AbortSignal.abort() }), { instanceOf: RpcError })
+    t.is(aborted!.code, 'ERR_FERRY_CANCELLED')
+  } finally {
+    await closeRpcClient()
+    if (saved === undefined) delete process.env.FERRY_SOCKET
+    else process.env.FERRY_SOCKET = saved
+  }
+})
+
+test('RpcServer.listen works near the socket path limit and refuses paths beyond it', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const near = join(dir, 'x'.repeat(Math.max(1, 107 - Buffer.byteLength(dir) - 1)))
+  t.is(Buffer.byteLength(near), 107)
+  const s = await RpcServer.listen(near)
+  s.handle('ping', () => 'pong')
+  const c = await RpcClient.connect(near)
+  t.is(await c.call('ping'), 'pong')
+  await c.close()
+  await s.close()
+  const e = await t.throwsAsync(RpcServer.listen(near + 'y'), { instanceOf: TypeError })
+  t.is((e as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_VALUE')
+})
