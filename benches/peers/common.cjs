@@ -9,6 +9,8 @@
 //   spec.connect(o)  async, resolves to { call(fn, params) -> Promise, close() }
 //   spec.echo        optional { params(buf) -> params to send, size(result) -> bytes echoed }
 //   spec.memory(o)   optional custom memory scenario (resolves to the result object)
+// Options beyond the contract: --warmup-ms (throughput/echo warm-up, default 300) and any
+// peer-specific `--name value`, found in `o.extra`.
 // Units, the same as ferry.cjs so that ratios hold: `_us` microseconds, `first_ms`
 // milliseconds, `mb_per_s` in MB (10^6 bytes) of payload one way, `rss_mb` in MiB (2^20 bytes).
 
