@@ -151,6 +151,9 @@ fn nil() -> Value {
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The future of one dispatched call.
+pub type CallFuture = BoxFuture<Result<Payload, Rejection>>;
 type CallFn = dyn Fn(Context, Payload) -> BoxFuture<Result<Payload, Rejection>> + Send + Sync;
 type RouteFn = dyn Fn(Context, Payload) -> BoxFuture<Result<HttpResponse, Rejection>> + Send + Sync;
 

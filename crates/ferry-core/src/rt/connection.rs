@@ -8,13 +8,11 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::engine::{Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
 use crate::error::{Error, ErrorType, Result};
@@ -22,6 +20,9 @@ use crate::message::{codes, Payload, RequestId};
 use crate::router::{Context, HttpResponse, Router};
 
 type Reply = oneshot::Sender<Result<Payload>>;
+
+/// How long a closed connection keeps trying to flush to a peer that does not read.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
 /// Settings of one connection.
 #[derive(Debug, Clone)]
@@ -59,6 +60,11 @@ impl CallOptions {
 
 struct State {
     engine: Engine<Reply>,
+    /// Bytes taken from the engine and not yet written (the socket was full); `sent` of them
+    /// are gone already. Everything is written under the state lock, so frames keep order.
+    unsent: Vec<u8>,
+    sent: usize,
+    spare: Vec<u8>,
     /// Tasks running the peer's calls, by the peer's id, so `cancel` can stop them.
     running: HashMap<RequestId, AbortHandle>,
     /// Set by graceful shutdown: new calls from the peer are refused.
@@ -66,6 +72,7 @@ struct State {
 }
 
 struct Shared {
+    stream: UnixStream,
     state: Mutex<State>,
     wake_writer: Notify,
     /// Fires once the connection is finished (closed by either side).
@@ -117,8 +124,12 @@ impl Connection {
     /// runtime.
     pub fn from_stream(stream: UnixStream, router: Router, config: ConnectionConfig) -> Connection {
         let shared = Arc::new(Shared {
+            stream,
             state: Mutex::new(State {
                 engine: Engine::new(config.engine),
+                unsent: Vec::new(),
+                sent: 0,
+                spare: Vec::new(),
                 running: HashMap::new(),
                 draining: false,
             }),
@@ -129,9 +140,8 @@ impl Connection {
             default_timeout: config.default_timeout,
             handlers: TaskTracker::new(),
         });
-        let (rd, wr) = stream.into_split();
-        tokio::spawn(read_loop(shared.clone(), rd));
-        tokio::spawn(write_loop(shared.clone(), wr));
+        tokio::spawn(read_loop(shared.clone()));
+        tokio::spawn(write_loop(shared.clone()));
         Connection { shared }
     }
 
@@ -292,14 +302,47 @@ fn panic_message(p: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-async fn read_loop(shared: Arc<Shared>, mut rd: OwnedReadHalf) {
+/// Writes what the engine has queued, without waiting. Returns `Ok(false)` when the socket
+/// is full and bytes remain for the writer task.
+fn try_flush(stream: &UnixStream, st: &mut State) -> std::io::Result<bool> {
+    if st.engine.has_output() {
+        let spare = std::mem::take(&mut st.spare);
+        if st.unsent.is_empty() {
+            st.spare = std::mem::replace(&mut st.unsent, st.engine.take_output(spare));
+        } else {
+            let more = st.engine.take_output(spare);
+            st.unsent.extend_from_slice(&more);
+            st.spare = more;
+        }
+    }
+    while st.sent < st.unsent.len() {
+        match stream.try_write(&st.unsent[st.sent..]) {
+            Ok(n) => st.sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    st.sent = 0;
+    st.unsent.clear();
+    // Do not keep a huge buffer around after one large message.
+    if st.unsent.capacity() > 1 << 20 {
+        st.unsent = Vec::new();
+    }
+    Ok(true)
+}
+
+async fn read_loop(shared: Arc<Shared>) {
     let mut buf = vec![0u8; 64 * 1024];
     let lost = loop {
-        let n = tokio::select! {
-            r = rd.read(&mut buf) => r,
+        let ready = tokio::select! {
+            r = shared.stream.readable() => r,
             _ = shared.done.cancelled() => return,
         };
-        let n = match n {
+        if let Err(e) = ready {
+            break format!("read failed: {e}");
+        }
+        let n = match shared.stream.try_read(&mut buf) {
             Ok(0) => {
                 let mid = shared.state.lock().engine.buffered_input() > 0;
                 break if mid {
@@ -310,6 +353,8 @@ async fn read_loop(shared: Arc<Shared>, mut rd: OwnedReadHalf) {
                 .to_string();
             }
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => break format!("read failed: {e}"),
         };
         if let Some(fatal) = on_input(&shared, &buf[..n]) {
@@ -323,6 +368,7 @@ async fn read_loop(shared: Arc<Shared>, mut rd: OwnedReadHalf) {
 /// must end.
 fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
     let mut settled = Vec::new();
+    let mut calls = Vec::new();
     let mut fatal = None;
     {
         let mut st = shared.state.lock();
@@ -346,7 +392,7 @@ fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
                         );
                         continue;
                     }
-                    spawn_call(shared, &mut st, request_id, function_name, params);
+                    calls.push((request_id, function_name, params));
                 }
                 Event::Invoke { reply, request } => spawn_invoke(shared, reply, request),
                 Event::Cancel { request_id } => {
@@ -365,8 +411,80 @@ fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
     for (tx, r) in settled {
         let _ = tx.send(r);
     }
-    shared.wake_writer.notify_one();
+    // Handlers run without the state lock: one may call the peer back on this connection.
+    let ran: Vec<_> = calls
+        .into_iter()
+        .map(|(rid, name, params)| {
+            let outcome = run_call(shared, &rid, &name, params);
+            (rid, name, outcome)
+        })
+        .collect();
+    let flushed = {
+        let mut st = shared.state.lock();
+        for (rid, name, outcome) in ran {
+            match outcome {
+                Ran::Done(outcome) => respond_call(&mut st.engine, &rid, &name, outcome),
+                Ran::Pending(fut, token) => spawn_call(shared, &mut st, rid, name, fut, token),
+            }
+        }
+        // Answers produced inline go out now, from this task: no hand-off to the writer.
+        try_flush(&shared.stream, &mut st)
+    };
+    match flushed {
+        Ok(true) => {}
+        Ok(false) => shared.wake_writer.notify_one(),
+        Err(e) => return Some(format!("write failed: {e}")),
+    }
     fatal
+}
+
+type CallOutcome =
+    std::result::Result<std::result::Result<Payload, crate::Rejection>, Box<dyn Any + Send>>;
+
+enum Ran {
+    Done(CallOutcome),
+    /// Not finished on the first poll; the token keeps graceful shutdown waiting for it from
+    /// before that poll until its task ends.
+    Pending(crate::router::CallFuture, TaskTrackerToken),
+}
+
+/// Starts an `rpc_call` on the router and polls its future once, right here: functions that
+/// finish at once (every sync function, most small async ones) are answered inline, with no
+/// task spawned and no thread hand-off; the others continue on their own task.
+fn run_call(shared: &Arc<Shared>, request_id: &RequestId, name: &str, params: Payload) -> Ran {
+    let ctx = Context {
+        connection: Connection {
+            shared: shared.clone(),
+        },
+        request_id: Some(request_id.clone()),
+    };
+    let token = shared.handlers.token();
+    let mut fut = shared.router.dispatch(ctx, name, params);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+        Ok(std::task::Poll::Ready(r)) => Ran::Done(Ok(r)),
+        Ok(std::task::Poll::Pending) => Ran::Pending(fut, token),
+        Err(panic) => Ran::Done(Err(panic)),
+    }
+}
+
+fn respond_call(
+    engine: &mut Engine<Reply>,
+    rid: &RequestId,
+    name: &str,
+    outcome: std::result::Result<
+        std::result::Result<Payload, crate::Rejection>,
+        Box<dyn Any + Send>,
+    >,
+) {
+    match outcome {
+        Ok(Ok(result)) => engine.respond(rid, Ok(result.as_bytes())),
+        Ok(Err(rej)) => engine.respond(rid, Err((&rej.message, &rej.kind))),
+        Err(panic) => {
+            let msg = format!("function `{name}` panicked: {}", panic_message(&*panic));
+            engine.respond(rid, Err((&msg, &ErrorType::Internal)));
+        }
+    }
 }
 
 fn spawn_call(
@@ -374,20 +492,19 @@ fn spawn_call(
     st: &mut State,
     request_id: RequestId,
     name: String,
-    params: Payload,
+    fut: crate::router::CallFuture,
+    token: TaskTrackerToken,
 ) {
-    let ctx = Context {
-        connection: Connection {
-            shared: shared.clone(),
-        },
-        request_id: Some(request_id.clone()),
-    };
-    let fut = shared.router.dispatch(ctx, &name, params);
+    if st.engine.is_closed() {
+        // Closed while the first poll ran: nobody will read the answer.
+        return;
+    }
     let task_shared = shared.clone();
     let rid = request_id.clone();
     // The state lock is held while spawning, so the task cannot remove its `running` entry
     // before it is inserted.
-    let handle = shared.handlers.spawn(async move {
+    let handle = tokio::spawn(async move {
+        let _token = token;
         let outcome = AssertUnwindSafe(fut).catch_unwind().await;
         let mut st = task_shared.state.lock();
         // A peer may reuse an id; only remove the entry if it is still this task's.
@@ -398,14 +515,7 @@ fn spawn_call(
         {
             st.running.remove(&rid);
         }
-        match outcome {
-            Ok(Ok(result)) => st.engine.respond(&rid, Ok(result.as_bytes())),
-            Ok(Err(rej)) => st.engine.respond(&rid, Err((&rej.message, &rej.kind))),
-            Err(panic) => {
-                let msg = format!("function `{name}` panicked: {}", panic_message(&*panic));
-                st.engine.respond(&rid, Err((&msg, &ErrorType::Internal)));
-            }
-        }
+        respond_call(&mut st.engine, &rid, &name, outcome);
         drop(st);
         task_shared.wake_writer.notify_one();
     });
@@ -473,26 +583,43 @@ fn spawn_invoke(shared: &Arc<Shared>, reply: InvokeReply, request: Payload) {
     });
 }
 
-async fn write_loop(shared: Arc<Shared>, mut wr: OwnedWriteHalf) {
-    let mut buf = Vec::with_capacity(64 * 1024);
+/// Writes what others queued (calls, answers of spawned handlers), so a burst shares one
+/// write, and whatever a full socket left behind. After close it flushes what is queued, then
+/// shuts the socket down.
+async fn write_loop(shared: Arc<Shared>) {
     loop {
         let closing = shared.done.is_cancelled();
-        buf = shared.state.lock().engine.take_output(buf);
-        if buf.is_empty() {
-            if closing {
+        let flushed = {
+            let mut st = shared.state.lock();
+            try_flush(&shared.stream, &mut st)
+        };
+        match flushed {
+            Ok(true) if closing => break,
+            Ok(true) => {
+                tokio::select! {
+                    _ = shared.wake_writer.notified() => {}
+                    _ = shared.done.cancelled() => {}
+                }
+            }
+            Ok(false) if closing => {
+                // A peer that stopped reading must not keep a closed connection alive forever.
+                match tokio::time::timeout(CLOSE_FLUSH, shared.stream.writable()).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+            Ok(false) => {
+                tokio::select! {
+                    r = shared.stream.writable() => if r.is_err() { break },
+                    _ = shared.done.cancelled() => {}
+                }
+            }
+            Err(e) => {
+                finish(&shared, Some(format!("write failed: {e}")));
                 break;
             }
-            tokio::select! {
-                _ = shared.wake_writer.notified() => {}
-                _ = shared.done.cancelled() => {}
-            }
-            continue;
-        }
-        if let Err(e) = wr.write_all(&buf).await {
-            finish(&shared, Some(format!("write failed: {e}")));
-            break;
         }
     }
-    let _ = wr.shutdown().await;
+    let _ = socket2::SockRef::from(&shared.stream).shutdown(std::net::Shutdown::Both);
     shared.flushed.cancel();
 }
