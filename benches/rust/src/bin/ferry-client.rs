@@ -1,0 +1,180 @@
+//! Ferry's Rust client: calls a Ferry peer through `ferry_core::Connection`, the way a Rust
+//! user would (typed params and results, the connection's default settings).
+//!
+//! ```text
+//! ferry-client --socket P --scenario latency|throughput|echo|first|memory [options]
+//! ```
+//!
+//! Works against any Ferry server with `add`, `echo` and `sleep`: the Rust example worker
+//! (Rust→Rust) or a Node Ferry server (Rust calling JavaScript handlers).
+//! - small call: `add {a: 1, b: 2}`, answered by 3;
+//! - echo: `echo` with a MessagePack `bin` of `--size` bytes as its params, answered by the
+//!   same `bin`;
+//! - memory: `--pending` calls of `sleep {ms: 60000}`, then this process's RSS.
+//!
+//! A wrong answer or a failed call exits 1. Prints one JSON line (benches/README.md).
+//!
+//! Throughput and echo keep `--inflight` call futures in one `FuturesUnordered`, replacing
+//! each as it completes. The runtime is current-thread, chosen by measurement against the
+//! example worker on the 2-core machine (medians of 3 runs, pinned): a 2-worker multi-thread
+//! runtime was slower in every scenario, whether the calls ran in `block_on` (p50 70 vs
+//! 28 µs, 150K vs 400K calls/s) or in a task spawned onto a worker (p50 27 vs 26 µs, 375K vs
+//! 448K calls/s, echo 491 vs 537 MiB/s).
+
+use std::time::{Duration, Instant};
+
+use ferry_bench::{
+    echo_result, fail, first_result, latency_result, make_payload, memory_result, payload_matches,
+    print_result, rss_bytes, throughput_result, ClientArgs, Scenario, Window,
+};
+use ferry_core::Connection;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde::Serialize;
+use serde_bytes::{ByteBuf, Bytes};
+
+#[derive(Serialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+const ADD: Add = Add { a: 1, b: 2 };
+
+#[derive(Serialize)]
+struct Sleep {
+    ms: u64,
+}
+
+fn main() {
+    let args = ClientArgs::from_env();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(format!("cannot start tokio: {e}")));
+    match rt.block_on(run(&args)) {
+        Ok(v) => print_result(v),
+        Err(e) => fail(e),
+    }
+    // Calls still outstanding (memory's sleeps) are abandoned, not awaited.
+    std::process::exit(0);
+}
+
+async fn connect(path: &str) -> Result<Connection, String> {
+    Connection::connect(path).await.map_err(|e| e.to_string())
+}
+
+/// One small call, checked.
+async fn add(conn: &Connection) -> Result<(), String> {
+    // Accepts 3 sent as an integer or as a float.
+    let sum: f64 = conn
+        .call("add", &ADD)
+        .await
+        .map_err(|e| format!("add failed: {e}"))?;
+    if sum != 3.0 {
+        return Err(format!("add answered {sum}, not 3"));
+    }
+    Ok(())
+}
+
+/// One binary echo, checked.
+async fn echo(conn: &Connection, payload: &[u8]) -> Result<(), String> {
+    let back: ByteBuf = conn
+        .call("echo", Bytes::new(payload))
+        .await
+        .map_err(|e| format!("echo failed: {e}"))?;
+    if !payload_matches(&back, payload) {
+        return Err(format!(
+            "echo answered {} bytes that differ from the {} sent",
+            back.len(),
+            payload.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn run(args: &ClientArgs) -> Result<serde_json::Value, String> {
+    match args.scenario {
+        Scenario::Latency => {
+            let conn = connect(&args.socket).await?;
+            let mut samples = Vec::with_capacity(args.n);
+            for i in 0..args.warmup + args.n {
+                let t = Instant::now();
+                add(&conn).await?;
+                if i >= args.warmup {
+                    samples.push(t.elapsed());
+                }
+            }
+            Ok(latency_result(samples))
+        }
+        Scenario::First => {
+            let t = Instant::now();
+            let conn = connect(&args.socket).await?;
+            add(&conn).await?;
+            Ok(first_result(t.elapsed()))
+        }
+        Scenario::Throughput => {
+            let conn = connect(&args.socket).await?;
+            let (calls, elapsed) =
+                keep_inflight(args.inflight, args.window(), || add(&conn)).await?;
+            Ok(throughput_result(calls, elapsed, args.inflight))
+        }
+        Scenario::Echo => {
+            let conn = connect(&args.socket).await?;
+            let payload = make_payload(args.size);
+            let (echoes, elapsed) =
+                keep_inflight(args.inflight, args.window(), || echo(&conn, &payload)).await?;
+            Ok(echo_result(echoes, args.size, elapsed))
+        }
+        Scenario::Memory => {
+            let conn = connect(&args.socket).await?;
+            let sleep = Sleep { ms: 60_000 };
+            let mut sleeps: FuturesUnordered<_> = (0..args.pending)
+                .map(|_| conn.call::<_, serde::de::IgnoredAny>("sleep", &sleep))
+                .collect();
+            // Poll the sleeps until every one is queued (tokio's co-operative budget can make
+            // one poll stop early); the answer to an `add` queued after them then proves they
+            // were all written (and read by the server).
+            while conn.pending_calls() < args.pending {
+                if let std::task::Poll::Ready(r) = futures_util::poll!(sleeps.next()) {
+                    return Err(match r {
+                        Some(Err(e)) => format!("sleep failed: {e}"),
+                        _ => "a sleep ended early".into(),
+                    });
+                }
+                tokio::task::yield_now().await;
+            }
+            add(&conn).await?;
+            let rss = rss_bytes().map_err(|e| format!("cannot read RSS: {e}"))?;
+            if conn.pending_calls() != args.pending {
+                return Err(format!(
+                    "{} calls pending, not {}",
+                    conn.pending_calls(),
+                    args.pending
+                ));
+            }
+            Ok(memory_result(rss, args.pending))
+        }
+    }
+}
+
+/// Keeps `inflight` calls made by `call` outstanding through the warm-up and `duration`;
+/// returns the completions in the measured window and its length.
+async fn keep_inflight<F, Fut>(
+    inflight: usize,
+    mut window: Window,
+    call: F,
+) -> Result<(u64, Duration), String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut running: FuturesUnordered<Fut> = (0..inflight).map(|_| call()).collect();
+    while let Some(r) = running.next().await {
+        r?;
+        if !window.record(1) {
+            break;
+        }
+        running.push(call());
+    }
+    Ok(window.finish())
+}
