@@ -22,6 +22,12 @@ const NIL = Buffer.from([0xc0])
 const pack = (value) => (value === undefined ? NIL : packr.pack(value))
 const unpack = (buffer) => packr.unpack(buffer)
 
+// Status bits returned by NativeEngine#feed and #status.
+const STATUS_INCOMING = 1
+const STATUS_FATAL = 2
+const STATUS_OUTPUT = 4
+const STATUS_IDLE = 8
+
 /** Wire error types a handler may choose by throwing an error with `errorType` set. */
 const WIRE_ERROR_TYPES = new Set(['NotFound', 'InvalidParams', 'HandlerError', 'Internal'])
 
@@ -70,7 +76,28 @@ class RpcConnection {
     this._socket = socket
     this._server = server
     this._defaultTimeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS
-    this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, unpack, makeError)
+    // Pending calls by id: Rust owns ids, matching and deadlines; JS keeps the resolvers.
+    const pending = new Map()
+    this._pending = pending
+    // All answers of one read arrive in one buffer: id, result, id, result, ...
+    const deliver = (buffer) => {
+      const values = packr.unpackMultiple(buffer)
+      for (let i = 0; i < values.length; i += 2) {
+        const call = pending.get(values[i])
+        if (call !== undefined) {
+          pending.delete(values[i])
+          call.resolve(values[i + 1])
+        }
+      }
+    }
+    const fail = (id, err) => {
+      const call = pending.get(id)
+      if (call !== undefined) {
+        pending.delete(id)
+        call.reject(err)
+      }
+    }
+    this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError)
     this._handlers = new Map()
     this._routes = new Map()
     this._flushScheduled = false
@@ -125,25 +152,32 @@ class RpcConnection {
       // A deadline already in the past (a computed budget that ran out) fails at once.
       return Promise.reject(new RpcError(`call timed out: timeoutMs is ${timeoutMs}`, 'ERR_FERRY_TIMEOUT'))
     }
-    return this._track(start.call(this._native, name, buffer, timeoutMs), timeoutMs, signal)
-  }
-
-  _track(promise, timeoutMs, signal) {
-    const id = this._native.lastCallId()
-    if (signal && id !== 0) {
+    const id = start.call(this._native, name, buffer, timeoutMs)
+    if (id === 0) return Promise.reject(this._native.takeError())
+    const promise = new Promise((resolve, reject) => this._pending.set(id, { resolve, reject }))
+    if (signal) {
       const onAbort = () => {
-        if (this._native.cancel(id)) this._afterSettle()
+        const call = this._pending.get(id)
+        if (call !== undefined && this._native.cancel(id)) {
+          this._pending.delete(id)
+          call.reject(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
+          this._afterSettle()
+        }
       }
       signal.addEventListener('abort', onAbort, { once: true })
       const cleanup = () => signal.removeEventListener('abort', onAbort)
       promise.then(cleanup, cleanup)
     }
-    if (timeoutMs > 0 && id !== 0) {
+    if (timeoutMs > 0) {
       const at = performance.now() + timeoutMs
       if (at < this._timerAt) this._armTimer()
     }
     this._scheduleFlush()
-    this._updateRef()
+    // A call is pending now: hold the process open until it settles.
+    if (!this._refed) {
+      this._refed = true
+      this._socket.ref()
+    }
     return promise
   }
 
@@ -161,7 +195,7 @@ class RpcConnection {
 
   /** The number of our calls awaiting an answer. */
   get pendingCalls() {
-    return this._closed ? 0 : this._native.pending
+    return this._pending.size
   }
 
   /** Whether the connection has ended. */
@@ -247,8 +281,8 @@ class RpcConnection {
     this._updateRef()
   }
 
-  _updateRef() {
-    const busy = !this._closed && (this._userRef || this._native.pending > 0 || this._native.serving > 0)
+  _updateRef(status = this._native.status()) {
+    const busy = !this._closed && (this._userRef || (status & STATUS_IDLE) === 0)
     if (busy !== this._refed) {
       this._refed = busy
       if (busy) this._socket.ref()
@@ -258,21 +292,23 @@ class RpcConnection {
 
   _onData(chunk) {
     if (this._closed) return
-    const incoming = this._native.feed(chunk)
-    if (incoming !== null) {
+    const status = this._native.feed(chunk)
+    if (status & STATUS_INCOMING) {
+      const incoming = this._native.takeIncoming()
       for (let i = 0; i < incoming.length; i += 4) {
         if (incoming[i] === 0) this._runCall(incoming[i + 1], incoming[i + 2], incoming[i + 3])
         else this._runRoute(incoming[i + 1], incoming[i + 2], incoming[i + 3])
       }
     }
-    const fatal = this._native.fatalReason
-    this._flushNow()
-    if (fatal !== null) {
-      this._finish(fatal)
+    // Answers made while dispatching (unknown functions, sync handlers) go out with the rest.
+    if (status & (STATUS_OUTPUT | STATUS_INCOMING)) this._flushNow()
+    if (status & STATUS_FATAL) {
+      this._finish(this._native.fatalReason)
       this._endSocket()
       return
     }
-    this._updateRef()
+    // Handlers may have answered synchronously: ask again only then.
+    this._updateRef(status & STATUS_INCOMING ? undefined : status)
   }
 
   _context(requestToken) {

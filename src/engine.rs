@@ -2,10 +2,13 @@
 //!
 //! The wrapper feeds it the bytes its socket reads and writes out what
 //! [`NativeEngine::take_output`] returns (once per tick, so a burst of calls shares one
-//! `write`). Calls return promises that Rust settles while handling `feed`, `expire`,
-//! `cancel` or `close`: a reply costs no thread hand-off. Values cross the boundary as
-//! MessagePack buffers packed and unpacked by msgpackr in JS; envelopes, ids and deadlines
-//! never leave Rust.
+//! `write`). A call crosses into Rust once (`call` queues the frame and returns the call's id)
+//! and its answer crosses back once per *read*, not per call: `feed` writes every result of
+//! a read into one MessagePack buffer `[id, value, id, value, ...]` and hands it to the
+//! wrapper's `deliver` hook, which unpacks it with one msgpackr call and resolves the
+//! promises. Envelopes, ids, matching and deadlines stay in Rust. Every buffer from JS is
+//! validated (one value, well-formed) before it is spliced into a frame, and whole numbers
+//! that msgpackr wrote as float64 are rewritten as integers in place.
 
 use std::time::{Duration, Instant};
 
@@ -18,24 +21,46 @@ use napi_derive::napi;
 use slab::Slab;
 
 use crate::error;
-use crate::raw::{self, Deferred, FnRef, RawValue};
+use crate::raw::{self, FnRef, RawValue};
 
-/// Kind tags of the items in the array returned by [`NativeEngine::feed`].
+/// Kind tags of the items in the array returned by [`NativeEngine::take_incoming`].
 const INCOMING_CALL: u32 = 0;
 const INCOMING_INVOKE: u32 = 1;
+
+/// Bits of the status returned by `feed` and `status`.
+const STATUS_INCOMING: u32 = 1;
+const STATUS_FATAL: u32 = 2;
+const STATUS_OUTPUT: u32 = 4;
+const STATUS_IDLE: u32 = 8;
+
+enum Incoming {
+    Call(RequestId, String, Payload),
+    Invoke(InvokeReply, Payload),
+}
+
+struct Hooks {
+    deliver: FnRef,
+    fail: FnRef,
+    make_error: FnRef,
+}
 
 /// One connection's protocol state, driven by the JS wrapper from the Node event loop.
 /// Internal: use `RpcClient`, `RpcServer` and `rpc` from the package instead.
 #[napi(custom_finalize)]
 pub struct NativeEngine {
-    engine: Engine<Deferred>,
-    unpack: Option<FnRef>,
-    make_error: Option<FnRef>,
+    /// Pending calls carry their own id as the token.
+    engine: Engine<u64>,
+    hooks: Option<Hooks>,
+    /// The peer's calls decoded by `feed`, waiting for `takeIncoming`.
+    incoming: Vec<Incoming>,
+    /// The results of one `feed` as `[id, value, ...]`, for one `deliver` call.
+    batch: Vec<u8>,
     /// The peer's calls being served by JS handlers, by the token JS answers with.
     calls: Slab<RequestId>,
     invokes: Slab<InvokeReply>,
     spare: Vec<u8>,
-    last_id: u64,
+    /// Why the last `call`/`invoke` failed before it was queued (it returned 0).
+    last_error: Option<CoreError>,
     fatal: Option<String>,
 }
 
@@ -47,14 +72,17 @@ fn bad_arg(msg: impl Into<String>) -> napi::Error {
 impl NativeEngine {
     /// Creates an engine. `maxFrameBytes`: the largest frame sent or accepted (0 means the
     /// default, 16 MiB). `sendCancel`: tell the peer when a call times out or is cancelled.
-    /// `unpack(buffer)` turns a MessagePack buffer into a JS value; `makeError(code, message,
-    /// errorType)` builds the error a failed call rejects with.
+    /// Hooks: `deliver(buffer)` gets the answered calls of one read as consecutive
+    /// MessagePack values `id, result, id, result, ...`; `fail(id, error)` gets a call that
+    /// failed (remote error, timeout, connection loss); `makeError(code, message, errorType)`
+    /// builds the errors.
     #[napi(constructor)]
     pub fn new(
         env: Env,
         max_frame_bytes: u32,
         send_cancel: bool,
-        unpack: Function,
+        deliver: Function,
+        fail: Function,
         make_error: Function,
     ) -> Result<Self> {
         let max_frame = if max_frame_bytes == 0 {
@@ -62,52 +90,33 @@ impl NativeEngine {
         } else {
             max_frame_bytes as usize
         };
+        let e = env.raw();
         Ok(NativeEngine {
             engine: Engine::new(EngineConfig {
                 max_frame,
                 send_cancel,
             }),
-            unpack: Some(FnRef::new(env.raw(), unpack.raw())?),
-            make_error: Some(FnRef::new(env.raw(), make_error.raw())?),
+            hooks: Some(Hooks {
+                deliver: FnRef::new(e, deliver.raw())?,
+                fail: FnRef::new(e, fail.raw())?,
+                make_error: FnRef::new(e, make_error.raw())?,
+            }),
+            incoming: Vec::new(),
+            batch: Vec::new(),
             calls: Slab::new(),
             invokes: Slab::new(),
             spare: Vec::new(),
-            last_id: 0,
+            last_error: None,
             fatal: None,
         })
     }
 
-    fn hooks(&self) -> Result<(&FnRef, &FnRef)> {
-        match (&self.unpack, &self.make_error) {
-            (Some(u), Some(m)) => Ok((u, m)),
-            _ => Err(napi::Error::new(
-                Status::GenericFailure,
-                "engine was finalized",
-            )),
-        }
-    }
-
-    fn settle(
-        &self,
-        env: sys::napi_env,
-        d: Deferred,
-        result: std::result::Result<Payload, CoreError>,
-    ) {
-        let Ok((unpack, make_error)) = self.hooks() else {
-            return;
-        };
-        match result {
-            Ok(payload) => match raw::buffer_copy(env, payload.as_bytes()) {
-                Ok(buf) => match unpack.call(env, &[buf]) {
-                    Ok(v) => raw::resolve(env, d, v),
-                    Err(exception) => raw::reject(env, d, exception),
-                },
-                Err(e) => {
-                    let err = error::build(env, make_error, "ERR_FERRY_INTERNAL", &e.reason, None);
-                    raw::reject(env, d, err)
-                }
-            },
-            Err(e) => raw::reject(env, d, error::to_js(env, make_error, &e)),
+    /// Hands a failed call to the `fail` hook.
+    fn fail(&self, env: sys::napi_env, id: u64, err: &CoreError) {
+        let Some(hooks) = &self.hooks else { return };
+        let js_err = error::to_js(env, &hooks.make_error, err);
+        if let Ok(id) = raw::double(env, id as f64) {
+            let _ = hooks.fail.call(env, &[id, js_err]);
         }
     }
 
@@ -122,118 +131,101 @@ impl NativeEngine {
         Some(Deadline { at, timeout })
     }
 
-    fn start(
-        &mut self,
-        env: &Env,
-        checked: std::result::Result<(), ferry_core::message::DecodeError>,
-        begin: impl FnOnce(
-            &mut Engine<Deferred>,
-            Deferred,
-        ) -> std::result::Result<u64, (CoreError, Deferred)>,
-    ) -> Result<RawValue> {
-        let env = env.raw();
-        let (deferred, promise) = raw::create_promise(env)?;
-        if let Err(e) = checked {
-            let err = CoreError::Encode(format!("not one MessagePack value: {e}"));
-            self.settle(env, deferred, Err(err));
-            return Ok(RawValue(promise));
-        }
-        // 0 is never a call id: a call that fails at once must not leave the previous call's
-        // id behind for the wrapper to cancel.
-        self.last_id = 0;
-        match begin(&mut self.engine, deferred) {
-            Ok(id) => self.last_id = id,
-            Err((e, deferred)) => self.settle(env, deferred, Err(e)),
-        }
-        Ok(RawValue(promise))
-    }
-
-    /// Queues an `rpc_call` of `name` with MessagePack-encoded `params`. Resolves with the
-    /// unpacked result; rejects with an error carrying `code`. `timeoutMs <= 0`: no deadline.
-    #[napi(ts_return_type = "Promise<unknown>")]
-    pub fn call(
-        &mut self,
-        env: Env,
-        name: String,
-        mut params: BufferSlice,
-        timeout_ms: f64,
-    ) -> Result<RawValue> {
-        let deadline = Self::deadline(timeout_ms);
-        let checked = normalize_whole_floats(&mut params);
-        self.start(&env, checked, |engine, d| {
-            engine.call(&name, &params, deadline, d)
-        })
-    }
-
-    /// Queues an `invoke_handler` of `handlerId` with a MessagePack-encoded request. Resolves
-    /// with `{status, headers, body}`.
-    #[napi(ts_return_type = "Promise<unknown>")]
-    pub fn invoke(
-        &mut self,
-        env: Env,
-        handler_id: String,
-        mut request: BufferSlice,
-        timeout_ms: f64,
-    ) -> Result<RawValue> {
-        let deadline = Self::deadline(timeout_ms);
-        let checked = normalize_whole_floats(&mut request);
-        self.start(&env, checked, |engine, d| {
-            engine.invoke(&handler_id, &request, deadline, d)
-        })
-    }
-
-    /// The id of the last call or invocation queued, for [`NativeEngine::cancel`]; 0 when the
-    /// last one failed before it was queued.
-    #[napi]
-    pub fn last_call_id(&self) -> f64 {
-        self.last_id as f64
-    }
-
-    /// Cancels a pending call: its promise rejects with `ERR_FERRY_CANCELLED`. Returns false
-    /// when the call had already ended.
-    #[napi]
-    pub fn cancel(&mut self, env: Env, id: f64) -> bool {
-        match self.engine.cancel(id as u64) {
-            Some(d) => {
-                self.settle(env.raw(), d, Err(CoreError::Cancelled));
-                true
+    fn queued(&mut self, r: std::result::Result<u64, (CoreError, u64)>) -> f64 {
+        match r {
+            Ok(id) => {
+                self.last_error = None;
+                id as f64
             }
-            None => false,
+            Err((e, _)) => {
+                self.last_error = Some(e);
+                0.0
+            }
         }
     }
 
-    /// Feeds bytes read from the socket. Settles answered calls, answers health checks and
-    /// bad messages, and returns the peer's calls for JS to run as a flat array
-    /// `[kind, token, name, params, ...]` (kind 0: rpc_call, 1: invoke_handler), or null.
-    /// After a fatal error (see `fatalReason`) the wrapper must flush and close the socket.
-    #[napi(ts_return_type = "Array<number | string | Buffer> | null")]
-    pub fn feed(&mut self, env: Env, chunk: BufferSlice) -> Result<RawValue> {
+    /// Queues an `rpc_call` of `name` with MessagePack-encoded `params` and returns its id;
+    /// the answer comes through `deliver` or `fail`. Returns 0 when the call failed at once
+    /// (see `takeError`). `timeoutMs <= 0`: no deadline.
+    #[napi]
+    pub fn call(&mut self, name: String, mut params: BufferSlice, timeout_ms: f64) -> f64 {
+        if let Err(e) = normalize_whole_floats(&mut params) {
+            return self.queued(Err((
+                CoreError::Encode(format!("not one MessagePack value: {e}")),
+                0,
+            )));
+        }
+        let deadline = Self::deadline(timeout_ms);
+        let r = self.engine.call_with_id(&name, &params, deadline);
+        self.queued(r)
+    }
+
+    /// Queues an `invoke_handler` of `handlerId` with a MessagePack-encoded request; like
+    /// `call`. It resolves to `{status, headers, body}`.
+    #[napi]
+    pub fn invoke(&mut self, handler_id: String, mut request: BufferSlice, timeout_ms: f64) -> f64 {
+        if let Err(e) = normalize_whole_floats(&mut request) {
+            return self.queued(Err((
+                CoreError::Encode(format!("not one MessagePack value: {e}")),
+                0,
+            )));
+        }
+        let deadline = Self::deadline(timeout_ms);
+        let r = self.engine.invoke_with_id(&handler_id, &request, deadline);
+        self.queued(r)
+    }
+
+    /// The error of the last `call`/`invoke` that returned 0.
+    #[napi(ts_return_type = "Error")]
+    pub fn take_error(&mut self, env: Env) -> Result<RawValue> {
+        let err = self.last_error.take().unwrap_or(CoreError::Closed);
+        let hooks = self
+            .hooks
+            .as_ref()
+            .ok_or_else(|| napi::Error::new(Status::GenericFailure, "engine was finalized"))?;
+        Ok(RawValue(error::to_js(env.raw(), &hooks.make_error, &err)))
+    }
+
+    /// Forgets a pending call (the wrapper rejects it with `ERR_FERRY_CANCELLED`) and tells
+    /// the peer. Returns false when the call had already ended.
+    #[napi]
+    pub fn cancel(&mut self, id: f64) -> bool {
+        self.engine.cancel(id as u64).is_some()
+    }
+
+    /// Feeds bytes read from the socket: delivers the answered calls of this read in one
+    /// `deliver` call, fails the failed ones, answers health checks and bad messages, and
+    /// queues the peer's calls for `takeIncoming`. Returns the status bits: 1 incoming calls
+    /// queued, 2 fatal (flush, then close the socket; see `fatalReason`), 4 frames to write,
+    /// 8 idle (no call pending either way).
+    #[napi]
+    pub fn feed(&mut self, env: Env, chunk: BufferSlice) -> u32 {
         let raw_env = env.raw();
         self.engine.feed(&chunk);
-        let mut incoming: Vec<sys::napi_value> = Vec::new();
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
         while let Some(ev) = self.engine.poll_event() {
             match ev {
-                Event::Settled { token, result } => self.settle(raw_env, token, result),
+                Event::Settled {
+                    token,
+                    result: Ok(payload),
+                } => {
+                    rmp::encode::write_uint(&mut batch, token).expect("Vec write");
+                    batch.extend_from_slice(payload.as_bytes());
+                }
+                Event::Settled {
+                    token,
+                    result: Err(e),
+                } => self.fail(raw_env, token, &e),
                 Event::Call {
                     request_id,
                     function_name,
                     params,
-                } => {
-                    // Build every JS value first: a failure must not leave a token behind.
-                    let kind = raw::uint(raw_env, INCOMING_CALL)?;
-                    let name = raw::string(raw_env, &function_name)?;
-                    let params = raw::buffer_copy(raw_env, params.as_bytes())?;
-                    let token = raw::uint(raw_env, self.calls.vacant_key() as u32)?;
-                    self.calls.insert(request_id);
-                    incoming.extend([kind, token, name, params]);
-                }
+                } => self
+                    .incoming
+                    .push(Incoming::Call(request_id, function_name, params)),
                 Event::Invoke { reply, request } => {
-                    let kind = raw::uint(raw_env, INCOMING_INVOKE)?;
-                    let handler = raw::string(raw_env, reply.handler_id())?;
-                    let request = raw::buffer_copy(raw_env, request.as_bytes())?;
-                    let token = raw::uint(raw_env, self.invokes.vacant_key() as u32)?;
-                    self.invokes.insert(reply);
-                    incoming.extend([kind, token, handler, request]);
+                    self.incoming.push(Incoming::Invoke(reply, request))
                 }
                 // JS handlers run to completion; their answer is then ignored by the peer.
                 Event::Cancel { .. } => {}
@@ -244,15 +236,76 @@ impl NativeEngine {
                 }
             }
         }
-        if incoming.is_empty() {
-            return Ok(RawValue(raw::null(raw_env)));
+        if !batch.is_empty() {
+            if let Some(hooks) = &self.hooks {
+                if let Ok(buf) = raw::buffer_copy(raw_env, &batch) {
+                    let _ = hooks.deliver.call(raw_env, &[buf]);
+                }
+            }
+        }
+        if batch.capacity() > 1 << 20 {
+            batch = Vec::new();
+        }
+        self.batch = batch;
+        self.status()
+    }
+
+    /// The status bits, as `feed` returns them.
+    #[napi]
+    pub fn status(&self) -> u32 {
+        let mut bits = 0;
+        if !self.incoming.is_empty() {
+            bits |= STATUS_INCOMING;
+        }
+        if self.fatal.is_some() {
+            bits |= STATUS_FATAL;
+        }
+        if self.engine.has_output() {
+            bits |= STATUS_OUTPUT;
+        }
+        if self.engine.pending_len() == 0
+            && self.calls.is_empty()
+            && self.invokes.is_empty()
+            && self.incoming.is_empty()
+        {
+            bits |= STATUS_IDLE;
+        }
+        bits
+    }
+
+    /// The peer's calls queued by `feed`, as a flat array `[kind, token, name, params, ...]`
+    /// (kind 0: rpc_call, 1: invoke_handler). Answer each with its token.
+    #[napi(ts_return_type = "Array<number | string | Buffer>")]
+    pub fn take_incoming(&mut self, env: Env) -> Result<RawValue> {
+        let raw_env = env.raw();
+        let mut items: Vec<sys::napi_value> = Vec::with_capacity(self.incoming.len() * 4);
+        for item in std::mem::take(&mut self.incoming) {
+            match item {
+                Incoming::Call(request_id, function_name, params) => {
+                    // Build every JS value first: a failure must not leave a token behind.
+                    let kind = raw::uint(raw_env, INCOMING_CALL)?;
+                    let name = raw::string(raw_env, &function_name)?;
+                    let params = raw::buffer_copy(raw_env, params.as_bytes())?;
+                    let token = raw::uint(raw_env, self.calls.vacant_key() as u32)?;
+                    self.calls.insert(request_id);
+                    items.extend([kind, token, name, params]);
+                }
+                Incoming::Invoke(reply, request) => {
+                    let kind = raw::uint(raw_env, INCOMING_INVOKE)?;
+                    let handler = raw::string(raw_env, reply.handler_id())?;
+                    let request = raw::buffer_copy(raw_env, request.as_bytes())?;
+                    let token = raw::uint(raw_env, self.invokes.vacant_key() as u32)?;
+                    self.invokes.insert(reply);
+                    items.extend([kind, token, handler, request]);
+                }
+            }
         }
         let mut array = std::ptr::null_mut();
         raw::check(
-            unsafe { sys::napi_create_array_with_length(raw_env, incoming.len(), &mut array) },
+            unsafe { sys::napi_create_array_with_length(raw_env, items.len(), &mut array) },
             "create array",
         )?;
-        for (i, v) in incoming.into_iter().enumerate() {
+        for (i, v) in items.into_iter().enumerate() {
             raw::check(
                 unsafe { sys::napi_set_element(raw_env, array, i as u32, v) },
                 "set element",
@@ -284,12 +337,12 @@ impl NativeEngine {
         Ok(Some(buf))
     }
 
-    /// Fails the calls whose deadline has passed with `ERR_FERRY_TIMEOUT`. Returns the
-    /// milliseconds until the next deadline, or -1 when no call has one.
+    /// Fails the calls whose deadline has passed with `ERR_FERRY_TIMEOUT` (through `fail`).
+    /// Returns the milliseconds until the next deadline, or -1 when no call has one.
     #[napi]
     pub fn expire(&mut self, env: Env) -> f64 {
-        for (d, e) in self.engine.expire(Instant::now()) {
-            self.settle(env.raw(), d, Err(e));
+        for (id, e) in self.engine.expire(Instant::now()) {
+            self.fail(env.raw(), id, &e);
         }
         self.next_deadline_ms()
     }
@@ -406,29 +459,29 @@ impl NativeEngine {
         Ok(())
     }
 
-    /// Ends the connection's protocol state: every pending call rejects, with
+    /// Ends the connection's protocol state: every pending call fails (through `fail`), with
     /// `ERR_FERRY_CONNECTION_LOST` and `lostReason` when given, else `ERR_FERRY_CLOSED`.
-    /// Later calls reject the same way.
+    /// Later calls fail the same way.
     #[napi]
     pub fn close(&mut self, env: Env, lost_reason: Option<String>) {
-        for (d, e) in self.engine.close(lost_reason) {
-            self.settle(env.raw(), d, Err(e));
+        for (id, e) in self.engine.close(lost_reason) {
+            self.fail(env.raw(), id, &e);
         }
         self.calls.clear();
         self.invokes.clear();
+        self.incoming.clear();
     }
 }
 
 impl ObjectFinalize for NativeEngine {
     fn finalize(mut self, env: Env) -> Result<()> {
-        // A wrapper that is collected without closing still settles its calls: no promise is
-        // left pending forever and no reference leaks.
-        self.close(env, Some("the connection was garbage-collected".into()));
-        if let Some(f) = self.unpack.take() {
-            f.release(env.raw());
-        }
-        if let Some(f) = self.make_error.take() {
-            f.release(env.raw());
+        // The wrapper holding the promises is gone too; just release the references.
+        self.engine
+            .close(Some("the connection was garbage-collected".into()));
+        if let Some(h) = self.hooks.take() {
+            h.deliver.release(env.raw());
+            h.fail.release(env.raw());
+            h.make_error.release(env.raw());
         }
         Ok(())
     }

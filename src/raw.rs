@@ -1,4 +1,4 @@
-//! Raw N-API helpers: promises settled from Rust, persistent function references, buffers.
+//! Raw N-API helpers: persistent function references, buffers, numbers, strings.
 //! Everything here runs on the JS thread that owns the `napi_env`.
 
 use std::ptr;
@@ -12,27 +12,6 @@ pub fn check(status: sys::napi_status, what: &str) -> Result<()> {
     } else {
         Err(Error::new(Status::from(status), format!("{what} failed")))
     }
-}
-
-/// A promise's resolver, settled exactly once by [`resolve`] or [`reject`].
-pub struct Deferred(sys::napi_deferred);
-
-pub fn create_promise(env: sys::napi_env) -> Result<(Deferred, sys::napi_value)> {
-    let mut deferred = ptr::null_mut();
-    let mut promise = ptr::null_mut();
-    check(
-        unsafe { sys::napi_create_promise(env, &mut deferred, &mut promise) },
-        "napi_create_promise",
-    )?;
-    Ok((Deferred(deferred), promise))
-}
-
-pub fn resolve(env: sys::napi_env, d: Deferred, value: sys::napi_value) {
-    unsafe { sys::napi_resolve_deferred(env, d.0, value) };
-}
-
-pub fn reject(env: sys::napi_env, d: Deferred, value: sys::napi_value) {
-    unsafe { sys::napi_reject_deferred(env, d.0, value) };
 }
 
 /// A strong reference to a JS function, released by [`FnRef::release`].
@@ -112,10 +91,13 @@ pub fn undefined(env: sys::napi_env) -> sys::napi_value {
     out
 }
 
-pub fn null(env: sys::napi_env) -> sys::napi_value {
+pub fn double(env: sys::napi_env, n: f64) -> Result<sys::napi_value> {
     let mut out = ptr::null_mut();
-    unsafe { sys::napi_get_null(env, &mut out) };
-    out
+    check(
+        unsafe { sys::napi_create_double(env, n, &mut out) },
+        "napi_create_double",
+    )?;
+    Ok(out)
 }
 
 pub fn uint(env: sys::napi_env, n: u32) -> Result<sys::napi_value> {

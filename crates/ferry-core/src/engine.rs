@@ -270,6 +270,37 @@ impl<T> Engine<T> {
         Ok(id)
     }
 
+    /// Queues an `rpc_call` whose token is its own id (for drivers that keep their own table
+    /// of pending calls by id).
+    pub fn call_with_id(
+        &mut self,
+        function_name: &str,
+        params: &[u8],
+        deadline: Option<Deadline>,
+    ) -> Result<u64, (Error, u64)>
+    where
+        T: From<u64>,
+    {
+        let id = self.next_id;
+        self.call(function_name, params, deadline, T::from(id))
+            .map_err(|(e, _)| (e, id))
+    }
+
+    /// Queues an `invoke_handler` whose token is its own id.
+    pub fn invoke_with_id(
+        &mut self,
+        handler_id: &str,
+        request: &[u8],
+        deadline: Option<Deadline>,
+    ) -> Result<u64, (Error, u64)>
+    where
+        T: From<u64>,
+    {
+        let id = self.next_id;
+        self.invoke(handler_id, request, deadline, T::from(id))
+            .map_err(|(e, _)| (e, id))
+    }
+
     /// Queues an `invoke_handler` (with a request_id). Returns its id, or the error with the
     /// token given back.
     pub fn invoke(
