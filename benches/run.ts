@@ -26,17 +26,19 @@ interface Peer {
   /** The server command (the socket path is appended), or null for self-contained clients. */
   server: Cmd | null
   client: Cmd
-  /** Peers that only quick mode skips are still run in full mode. */
+  /** Run in quick mode too. */
   quick?: boolean
+  /** A peer the targets compare: in full mode each scenario runs three times, median kept. */
+  key?: boolean
 }
 
 const PEERS: Peer[] = [
-  { id: 'ferry', label: 'Ferry: Node → Rust', server: worker, client: node('ferry.cjs'), quick: true },
-  { id: 'ferry-rust-js', label: 'Ferry: Rust → JS handler', server: node('ferry-server.cjs'), client: rust('ferry-client'), quick: true },
-  { id: 'ferry-rust', label: 'ferry-core: Rust → Rust', server: worker, client: rust('ferry-client'), quick: true },
-  { id: 'floor-std', label: 'floor: raw Rust std', server: rust('floor-server', 'std'), client: rust('floor-client', 'std'), quick: true },
+  { key: true, id: 'ferry', label: 'Ferry: Node → Rust', server: worker, client: node('ferry.cjs'), quick: true },
+  { key: true, id: 'ferry-rust-js', label: 'Ferry: Rust → JS handler', server: node('ferry-server.cjs'), client: rust('ferry-client'), quick: true },
+  { key: true, id: 'ferry-rust', label: 'ferry-core: Rust → Rust', server: worker, client: rust('ferry-client'), quick: true },
+  { key: true, id: 'floor-std', label: 'floor: raw Rust std', server: rust('floor-server', 'std'), client: rust('floor-client', 'std'), quick: true },
   { id: 'floor-tokio', label: 'floor: raw Rust tokio', server: rust('floor-server', 'tokio'), client: rust('floor-client', 'tokio'), quick: true },
-  { id: 'net-msgpackr', label: 'Node net + msgpackr (corked) → Rust', server: worker, client: node('net-msgpackr.cjs'), quick: true },
+  { key: true, id: 'net-msgpackr', label: 'Node net + msgpackr (corked) → Rust', server: worker, client: node('net-msgpackr.cjs'), quick: true },
   { id: 'net-json', label: 'Node net + JSON, both ends', server: node('net-json-server.cjs'), client: node('net-json.cjs') },
   { id: 'node-ipc', label: 'node-ipc 14', server: node('node-ipc-server.cjs'), client: node('node-ipc.cjs') },
   { id: 'undici-axum', label: 'undici (HTTP keep-alive) → Rust axum', server: rust('axum-server'), client: node('undici.cjs') },
@@ -144,11 +146,18 @@ async function main() {
         results[placement][peer.id] = {}
         const socket = join(dir, `${peer.id}.sock`)
         for (const sc of SCENARIOS) {
-          // A fresh server for every scenario: no state (JIT, buffers, held calls) carries over.
+          // A fresh server for every run: no state (JIT, buffers, held calls) carries over.
           let server: ChildProcess | null = null
           try {
-            if (peer.server) server = await startServer(pin(placement, peer.server), socket)
-            const r = await runClient(pin(placement, peer.client), ['--socket', socket, ...sc.args], quick ? 30_000 : 120_000)
+            const runs: Record<string, number | string>[] = []
+            const repeat = !quick && peer.key && sc.id !== 'memory' ? 3 : 1
+            for (let i = 0; i < repeat; i++) {
+              if (peer.server) server = await startServer(pin(placement, peer.server), socket)
+              runs.push(await runClient(pin(placement, peer.client), ['--socket', socket, ...sc.args], quick ? 30_000 : 120_000))
+              if (server) await stopServer(server)
+              server = null
+            }
+            const r = median(runs, sc.metric)
             results[placement][peer.id][sc.id] = r
             const shown = r[sc.metric] ?? r.skipped ?? r.error
             console.error(`${placement.padEnd(8)} ${peer.id.padEnd(14)} ${sc.id.padEnd(9)} ${typeof shown === 'number' ? fmt(shown) : shown}`)
@@ -183,6 +192,14 @@ async function main() {
   writeFileSync(join(RESULTS, `chart${suffix}.svg`), chart(report, peers))
   if (!quick && !only) updateDocs(md)
   console.log(md)
+}
+
+/** The run with the median value of `metric` (runs without it count as worst). */
+function median(runs: Record<string, number | string>[], metric: string): Record<string, number | string> {
+  if (runs.length === 1) return runs[0]
+  const ok = runs.filter((r) => typeof r[metric] === 'number').sort((a, b) => (a[metric] as number) - (b[metric] as number))
+  if (ok.length === 0) return runs[0]
+  return { ...ok[Math.floor((ok.length - 1) / 2)], runs: runs.length }
 }
 
 function fmt(v: number): string {

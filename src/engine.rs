@@ -328,12 +328,13 @@ impl NativeEngine {
         }
         let spare = std::mem::take(&mut self.spare);
         let out = self.engine.take_output(spare);
+        // Small batches are copied (cheap, and the buffer is reused); large ones are handed
+        // over without a copy as an external buffer that frees the Vec when collected.
+        if out.len() >= 32 * 1024 {
+            return BufferSlice::from_data(&env, out).map(Some);
+        }
         let buf = BufferSlice::copy_from(&env, &out)?;
         self.spare = out;
-        // Do not keep a huge buffer around after one large message.
-        if self.spare.capacity() > 1 << 20 {
-            self.spare = Vec::new();
-        }
         Ok(Some(buf))
     }
 
