@@ -983,6 +983,33 @@ async fn cancel_aborts_the_running_call_without_an_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_read_together_with_its_call_stops_it() {
+    within(async {
+        let (router, _events) = wire_router();
+        let server = TestServer::start(router).await;
+        let mut raw = RawClient::connect(&server.path).await;
+
+        // The call and its cancel arrive in one read: the call must never run or be answered
+        // (echo would answer at once if it ran).
+        let mut bytes = common::frame(&common::encode(&rpc_call(
+            "echo",
+            Value::from("x"),
+            Value::from("c2"),
+        )));
+        bytes.extend(common::frame(&common::encode(&map(vec![
+            ("type", Value::from("cancel")),
+            ("request_id", Value::from("c2")),
+        ]))));
+        raw.send_bytes(&bytes).await;
+        raw.send(&map(vec![("type", Value::from("health_check"))]))
+            .await;
+        assert_eq!(msg_type(&raw.recv().await), "health_check_response");
+        assert_serves(&mut raw).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_of_a_duplicate_id_reaches_the_most_recent_call() {
     within(async {
         let (router, mut events) = wire_router();

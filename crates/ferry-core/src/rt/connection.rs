@@ -399,6 +399,10 @@ fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
                     if let Some(h) = st.running.remove(&request_id) {
                         h.abort();
                     }
+                    // A call that arrived in this same read has not started yet: drop it.
+                    if let Some(pos) = calls.iter().rposition(|(rid, _, _)| *rid == request_id) {
+                        calls.remove(pos);
+                    }
                 }
                 Event::Warning(e) => tracing::debug!("ferry: {e}"),
                 Event::Fatal(e) => {
