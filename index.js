@@ -9,7 +9,7 @@ const fs = require('node:fs')
 const net = require('node:net')
 const path = require('node:path')
 const { Packr } = require('msgpackr')
-const { NativeEngine } = require('./native.js')
+const { NativeEngine, fastCall } = require('./native.js')
 
 const packr = new Packr({
   useRecords: false, // plain MessagePack maps, readable by any peer
@@ -98,6 +98,8 @@ class RpcConnection {
       }
     }
     this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError)
+    // The per-call entry point, without napi-rs's method overhead (see src/fast.rs).
+    this._handle = this._native.fastHandle()
     this._handlers = new Map()
     this._routes = new Map()
     this._flushScheduled = false
@@ -123,15 +125,15 @@ class RpcConnection {
    * Calls the peer's function `name`. See index.d.ts.
    */
   call(name, params, options) {
-    return this._request(this._native.call, String(name), params, 'params', options)
+    return this._request(true, String(name), params, 'params', options)
   }
 
   /** Invokes the peer's route handler `handlerId` with an HTTP-like request. */
   invokeHandler(handlerId, request, options) {
-    return this._request(this._native.invoke, String(handlerId), request ?? {}, 'request', options)
+    return this._request(false, String(handlerId), request ?? {}, 'request', options)
   }
 
-  _request(start, name, value, what, options) {
+  _request(isCall, name, value, what, options) {
     const signal = options?.signal
     if (signal?.aborted) {
       return Promise.reject(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
@@ -152,7 +154,7 @@ class RpcConnection {
       // A deadline already in the past (a computed budget that ran out) fails at once.
       return Promise.reject(new RpcError(`call timed out: timeoutMs is ${timeoutMs}`, 'ERR_FERRY_TIMEOUT'))
     }
-    const id = start.call(this._native, name, buffer, timeoutMs)
+    const id = isCall ? fastCall(this._handle, name, buffer, timeoutMs) : this._native.invoke(name, buffer, timeoutMs)
     if (id === 0) return Promise.reject(this._native.takeError())
     const promise = new Promise((resolve, reject) => this._pending.set(id, { resolve, reject }))
     if (signal) {

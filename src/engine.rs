@@ -149,15 +149,28 @@ impl NativeEngine {
     /// (see `takeError`). `timeoutMs <= 0`: no deadline.
     #[napi]
     pub fn call(&mut self, name: String, mut params: BufferSlice, timeout_ms: f64) -> f64 {
-        if let Err(e) = normalize_whole_floats(&mut params) {
+        self.call_raw(&name, &mut params, timeout_ms)
+    }
+
+    /// `call`'s work, shared with the raw `fastCall` entry point.
+    pub(crate) fn call_raw(&mut self, name: &str, params: &mut [u8], timeout_ms: f64) -> f64 {
+        if let Err(e) = normalize_whole_floats(params) {
             return self.queued(Err((
                 CoreError::Encode(format!("not one MessagePack value: {e}")),
                 0,
             )));
         }
         let deadline = Self::deadline(timeout_ms);
-        let r = self.engine.call_with_id(&name, &params, deadline);
+        let r = self.engine.call_with_id(name, params, deadline);
         self.queued(r)
+    }
+
+    /// A type-tagged handle of this engine for the raw `fastCall(handle, name, params,
+    /// timeoutMs)`, which is `call` without napi-rs's per-call overhead. Valid while this
+    /// object is alive: keep both together.
+    #[napi(ts_return_type = "object")]
+    pub fn fast_handle(&mut self, env: Env) -> Result<RawValue> {
+        crate::fast::make_handle(env.raw(), self as *mut NativeEngine).map(RawValue)
     }
 
     /// Queues an `invoke_handler` of `handlerId` with a MessagePack-encoded request; like

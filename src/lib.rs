@@ -11,4 +11,5 @@
 
 pub mod engine;
 pub mod error;
+mod fast;
 mod raw;
