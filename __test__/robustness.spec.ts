@@ -125,3 +125,11 @@ test('RpcServer.listen works near the socket path limit and refuses paths beyond
   const e = await t.throwsAsync(RpcServer.listen(near + 'y'), { instanceOf: TypeError })
   t.is((e as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_VALUE')
 })
+
+test('the raw fastCall entry point refuses anything but an engine handle', (t) => {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const native = require('../native.js') as { fastCall: (...args: unknown[]) => number }
+  for (const bogus of [{}, null, 42, Buffer.alloc(8), client]) {
+    t.throws(() => native.fastCall(bogus, 'add', Buffer.from([0xc0]), 0), { instanceOf: TypeError })
+  }
+})

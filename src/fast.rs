@@ -7,6 +7,9 @@
 //! is an external made by `NativeEngine#fastHandle()` and type-tagged, so a foreign object
 //! can never be taken for an engine.
 
+// napi-rs registers module exports only outside `cfg(test)`.
+#![cfg_attr(test, allow(dead_code))]
+
 use std::ffi::c_void;
 use std::ptr;
 
