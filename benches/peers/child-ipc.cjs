@@ -11,41 +11,24 @@
 
 const { fork } = require('node:child_process')
 const path = require('node:path')
-const { runClient } = require('./common.cjs')
+const { runClient, BaseClient } = require('./common.cjs')
 
-class Client {
+class Client extends BaseClient {
   constructor(child) {
+    super()
     this.child = child
-    this.nextId = 1
-    this.pending = new Map()
-    this.closed = null
     child.on('message', (m) => {
-      const p = this.pending.get(m.id)
-      if (p === undefined) return
-      this.pending.delete(m.id)
-      if (m.error === undefined) p.resolve(m.result)
-      else p.reject(new Error(m.error))
+      this.settle(m.id, m.error === undefined ? undefined : new Error(m.error), m.result)
     })
     child.on('exit', (code, signal) => this.failAll(new Error(`child exited (${code ?? signal})`)))
     child.on('error', (e) => this.failAll(e))
   }
 
   call(fn, params) {
-    if (this.closed) return Promise.reject(this.closed)
-    const id = this.nextId++
-    this.child.send({ id, fn, params })
-    return new Promise((resolve, reject) => this.pending.set(id, { resolve, reject }))
+    return this.track((id) => this.child.send({ id, fn, params }))
   }
 
-  failAll(e) {
-    if (this.closed) return
-    this.closed = e
-    for (const p of this.pending.values()) p.reject(e)
-    this.pending.clear()
-  }
-
-  close() {
-    this.failAll(new Error('client closed'))
+  shutdown() {
     this.child.disconnect()
   }
 }

@@ -332,7 +332,66 @@ const handlers = {
   sleep: (p) => new Promise((r) => setTimeout(() => r(p.ms), p.ms)),
 }
 
+/**
+ * The pending-call table every hand-written peer needs: integer ids from 1, one resolver pair
+ * per call, and every pending call failed at once when the transport ends. Subclasses send in
+ * `call` through `track(send)`, settle answers with `settle`, and close their transport in
+ * `shutdown()`.
+ */
+class BaseClient {
+  constructor() {
+    this.nextId = 1
+    this.pending = new Map()
+    this.closed = null
+  }
+
+  /** Sends a call with a fresh id (`send(id)`) and resolves with its answer. */
+  track(send) {
+    if (this.closed) return Promise.reject(this.closed)
+    const id = this.nextId++
+    send(id)
+    return new Promise((resolve, reject) => this.pending.set(id, { resolve, reject }))
+  }
+
+  /** Ends call `id` with `error` or, when it is undefined, `result`. False for unknown ids. */
+  settle(id, error, result) {
+    const p = this.pending.get(id)
+    if (p === undefined) return false
+    this.pending.delete(id)
+    if (error === undefined) p.resolve(result)
+    else p.reject(error)
+    return true
+  }
+
+  failAll(e) {
+    if (this.closed) return
+    this.closed = e
+    for (const p of this.pending.values()) p.reject(e)
+    this.pending.clear()
+  }
+
+  close() {
+    this.failAll(new Error('client closed'))
+    this.shutdown()
+  }
+}
+
+/** Connects a node:net socket to a Unix socket path; `make(socket)` builds the client. */
+function connectUnix(path, make) {
+  const net = require('node:net')
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(path)
+    socket.once('error', reject)
+    socket.once('connect', () => {
+      socket.off('error', reject)
+      resolve(make(socket))
+    })
+  })
+}
+
 module.exports = {
+  BaseClient,
+  connectUnix,
   MB,
   MIB,
   parseArgs,

@@ -7,16 +7,13 @@
 // binary type: echo sends its payload as a base64 string (the size reported is the raw bytes).
 // Scenarios: latency, throughput, echo, first (memory is skipped).
 
-const net = require('node:net')
-const { runClient, FrameReader, FrameWriter } = require('./common.cjs')
+const { runClient, BaseClient, connectUnix, FrameReader, FrameWriter } = require('./common.cjs')
 
-class Client {
+class Client extends BaseClient {
   constructor(socket) {
+    super()
     this.socket = socket
-    this.nextId = 1
-    this.pending = new Map()
     this.writer = new FrameWriter(socket)
-    this.closed = null
     const reader = new FrameReader((buf, start, end) =>
       this.onMessage(JSON.parse(buf.toString('utf8', start, end))),
     )
@@ -26,43 +23,24 @@ class Client {
   }
 
   call(fn, params) {
-    if (this.closed) return Promise.reject(this.closed)
-    const id = this.nextId++
-    const body = JSON.stringify({ type: 'rpc_call', function_name: fn, params, request_id: id })
-    this.writer.push(Buffer.from(body))
-    return new Promise((resolve, reject) => this.pending.set(id, { resolve, reject }))
+    return this.track((id) => {
+      const body = JSON.stringify({ type: 'rpc_call', function_name: fn, params, request_id: id })
+      this.writer.push(Buffer.from(body))
+    })
   }
 
   onMessage(m) {
-    const p = this.pending.get(m.request_id)
-    if (p === undefined) return
-    this.pending.delete(m.request_id)
-    if (m.type === 'rpc_response') p.resolve(m.result)
-    else p.reject(new Error(`${m.type}: ${m.error}`))
+    const error = m.type === 'rpc_response' ? undefined : new Error(`${m.type}: ${m.error}`)
+    this.settle(m.request_id, error, m.result)
   }
 
-  failAll(e) {
-    if (this.closed) return
-    this.closed = e
-    for (const p of this.pending.values()) p.reject(e)
-    this.pending.clear()
-  }
-
-  close() {
-    this.failAll(new Error('client closed'))
+  shutdown() {
     this.socket.destroy()
   }
 }
 
 function connect(o) {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect(o.socket)
-    socket.once('error', reject)
-    socket.once('connect', () => {
-      socket.off('error', reject)
-      resolve(new Client(socket))
-    })
-  })
+  return connectUnix(o.socket, (socket) => new Client(socket))
 }
 
 runClient({

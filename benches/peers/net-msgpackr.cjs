@@ -7,20 +7,17 @@
 //   - replies are cut from a streaming buffer (FrameReader) and matched by request_id.
 // Scenarios: latency, throughput, echo (a Buffer, sent as MessagePack bin), first, memory.
 
-const net = require('node:net')
 const { Packr } = require('msgpackr')
-const { runClient, FrameReader, FrameWriter, drained, sleep, MIB, round } = require('./common.cjs')
+const { runClient, BaseClient, connectUnix, FrameReader, FrameWriter, drained, sleep, MIB, round } = require('./common.cjs')
 
 class RpcError extends Error {}
 
-class Client {
+class Client extends BaseClient {
   constructor(socket) {
+    super()
     this.socket = socket
     this.packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: 'auto' })
-    this.nextId = 1
-    this.pending = new Map()
     this.writer = new FrameWriter(socket)
-    this.closed = null
     const reader = new FrameReader((buf, start, end) =>
       this.onMessage(this.packr.unpack(buf.subarray(start, end))),
     )
@@ -30,51 +27,31 @@ class Client {
   }
 
   call(fn, params) {
-    if (this.closed) return Promise.reject(this.closed)
-    const id = this.nextId++
-    this.writer.push(
-      this.packr.pack({ type: 'rpc_call', function_name: fn, params, request_id: id }),
+    return this.track((id) =>
+      this.writer.push(this.packr.pack({ type: 'rpc_call', function_name: fn, params, request_id: id })),
     )
-    return new Promise((resolve, reject) => this.pending.set(id, { resolve, reject }))
   }
 
   onMessage(m) {
-    const p = this.pending.get(m.request_id)
-    if (p === undefined) {
-      if (m.type === 'health_check') {
-        this.writer.push(this.packr.pack({ type: 'health_check_response' }))
-      } else if (m.type === 'error') {
-        this.failAll(new RpcError(`${m.code}: ${m.message}`))
-      }
-      return
+    const error =
+      m.type === 'rpc_response'
+        ? undefined
+        : new RpcError(`${m.type} ${m.error_type || m.code}: ${m.error || m.message}`)
+    if (this.settle(m.request_id, error, m.result)) return
+    if (m.type === 'health_check') {
+      this.writer.push(this.packr.pack({ type: 'health_check_response' }))
+    } else if (m.type === 'error') {
+      this.failAll(new RpcError(`${m.code}: ${m.message}`))
     }
-    this.pending.delete(m.request_id)
-    if (m.type === 'rpc_response') p.resolve(m.result)
-    else p.reject(new RpcError(`${m.type} ${m.error_type || m.code}: ${m.error || m.message}`))
   }
 
-  failAll(e) {
-    if (this.closed) return
-    this.closed = e
-    for (const p of this.pending.values()) p.reject(e)
-    this.pending.clear()
-  }
-
-  close() {
-    this.failAll(new Error('client closed'))
+  shutdown() {
     this.socket.destroy()
   }
 }
 
 function connect(o) {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect(o.socket)
-    socket.once('error', reject)
-    socket.once('connect', () => {
-      socket.off('error', reject)
-      resolve(new Client(socket))
-    })
-  })
+  return connectUnix(o.socket, (socket) => new Client(socket))
 }
 
 // Holds `pending` sleep calls, waits until they are all written, then (like ferry.cjs) lets the

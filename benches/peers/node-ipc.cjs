@@ -9,7 +9,7 @@
 // Scenarios: latency, throughput, first (echo and memory are skipped).
 
 const ipc = require('node-ipc').default
-const { runClient } = require('./common.cjs')
+const { runClient, BaseClient } = require('./common.cjs')
 
 const SERVER_ID = 'ferry-bench'
 
@@ -18,39 +18,22 @@ ipc.config.silent = true
 ipc.config.maxRetries = 0
 ipc.config.stopRetrying = true
 
-class Client {
+class Client extends BaseClient {
   constructor(conn) {
+    super()
     this.conn = conn
-    this.nextId = 1
-    this.pending = new Map()
-    this.closed = null
     conn.on('reply', (m) => {
-      const p = this.pending.get(m.id)
-      if (p === undefined) return
-      this.pending.delete(m.id)
-      if (m.error === undefined) p.resolve(m.result)
-      else p.reject(new Error(m.error))
+      this.settle(m.id, m.error === undefined ? undefined : new Error(m.error), m.result)
     })
     conn.on('disconnect', () => this.failAll(new Error('disconnected')))
     conn.on('error', (e) => this.failAll(e))
   }
 
   call(fn, params) {
-    if (this.closed) return Promise.reject(this.closed)
-    const id = this.nextId++
-    this.conn.emit('call', { id, fn, params })
-    return new Promise((resolve, reject) => this.pending.set(id, { resolve, reject }))
+    return this.track((id) => this.conn.emit('call', { id, fn, params }))
   }
 
-  failAll(e) {
-    if (this.closed) return
-    this.closed = e
-    for (const p of this.pending.values()) p.reject(e)
-    this.pending.clear()
-  }
-
-  close() {
-    this.failAll(new Error('client closed'))
+  shutdown() {
     ipc.disconnect(SERVER_ID)
   }
 }
