@@ -133,3 +133,33 @@ test('the raw fastCall entry point refuses anything but an engine handle', (t) =
     t.throws(() => native.fastCall(bogus, 'add', Buffer.from([0xc0]), 0), { instanceOf: TypeError })
   }
 })
+
+test('whole numbers beyond 32 bits leave Node as MessagePack integers, fractions as floats', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const path = join(dir, 'capture.sock')
+  let firstFrame!: (b: Buffer) => void
+  const captured = new Promise<Buffer>((r) => (firstFrame = r))
+  const sockets: Socket[] = []
+  const capture = createServer((s) => {
+    sockets.push(s)
+    let buf = Buffer.alloc(0)
+    s.on('data', (d) => {
+      buf = Buffer.concat([buf, d])
+      if (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) firstFrame(buf.subarray(4, 4 + buf.readUInt32BE(0)))
+    })
+  })
+  await new Promise<void>((r) => capture.listen(path, r))
+  t.teardown(() => {
+    sockets.forEach((s) => s.destroy())
+    capture.close()
+  })
+  const c = await RpcClient.connect(path)
+  const pending = c.call('f', { big: 2 ** 40, neg: -(2 ** 40), half: 1.5 })
+  pending.catch(() => {})
+  const body = (await captured).toString('hex')
+  t.true(body.includes('cf0000010000000000'), `2**40 as uint 64 in ${body}`)
+  t.true(body.includes('d3ffffff0000000000'), `-(2**40) as int 64 in ${body}`)
+  t.true(body.includes('cb3ff8000000000000'), `1.5 stays float 64 in ${body}`)
+  await c.close()
+})
