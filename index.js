@@ -281,6 +281,7 @@ class RpcConnection {
   _afterSettle() {
     this._scheduleFlush() // timeouts and cancellations queue `cancel` frames
     this._updateRef()
+    this._server?._drained?.()
   }
 
   _updateRef(status = this._native.status()) {
@@ -423,6 +424,7 @@ class RpcConnection {
     this._socket.unref()
     this._refed = false
     this._server?._connections.delete(this)
+    this._server?._drained?.()
     if (this._socket.destroyed || this._socket.closed) this._resolveClosed()
     else this._socket.once('close', () => this._resolveClosed())
   }
@@ -540,6 +542,8 @@ class RpcServer {
     this._routes = new Map()
     this._connections = new Set()
     this._closing = null
+    /** Set while close() waits for running handlers: called whenever one answers. */
+    this._drained = null
     this._identity = null
     try {
       const st = fs.lstatSync(path)
@@ -650,11 +654,20 @@ class RpcServer {
     const graceMs = options.graceMs ?? DEFAULT_CLOSE_GRACE_MS
     this._closing = (async () => {
       const stopped = new Promise((resolve) => this._server.close(() => resolve()))
-      const deadline = performance.now() + graceMs
-      for (;;) {
-        const busy = [...this._connections].some((c) => !c._closed && c._native.serving > 0)
-        if (!busy || performance.now() >= deadline) break
-        await sleep(5)
+      // Wait until no handler is running (each answer checks again) or the grace period ends.
+      const busy = () => [...this._connections].some((c) => !c._closed && c._native.serving > 0)
+      if (busy()) {
+        await new Promise((resolve) => {
+          const done = () => {
+            clearTimeout(timer)
+            this._drained = null
+            resolve()
+          }
+          const timer = setTimeout(done, graceMs)
+          this._drained = () => {
+            if (!busy()) done()
+          }
+        })
       }
       await Promise.all([...this._connections].map((c) => c.close()))
       await stopped
