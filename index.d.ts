@@ -43,8 +43,10 @@ export type RpcErrorCode =
   | 'ERR_FERRY_FRAME_TOO_LARGE'
   /** The peer could not parse a message (`BAD_MESSAGE`, `UNKNOWN_MESSAGE_TYPE`). */
   | 'ERR_FERRY_BAD_MESSAGE'
-  /** Params could not be encoded (functions, symbols, cyclic objects). */
+  /** Params could not be encoded (symbols, BigInts beyond 64 bits, cyclic objects). */
   | 'ERR_FERRY_ENCODE'
+  /** A result could not be decoded (an extension type msgpackr does not know, say). */
+  | 'ERR_FERRY_DECODE'
   /** The peer broke the protocol, for example with a malformed answer. */
   | 'ERR_FERRY_PROTOCOL'
 

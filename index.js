@@ -79,7 +79,8 @@ class RpcConnection {
     // Pending calls by id: Rust owns ids, matching and deadlines; JS keeps the resolvers.
     const pending = new Map()
     this._pending = pending
-    // All answers of one read arrive in one buffer: id, result, id, result, ...
+    // All answers of one read arrive in one buffer: id, result, id, result, ... It is unpacked
+    // whole before any call settles, so if unpacking throws, Rust can retry call by call.
     const deliver = (buffer) => {
       const values = packr.unpackMultiple(buffer)
       for (let i = 0; i < values.length; i += 2) {

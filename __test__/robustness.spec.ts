@@ -5,7 +5,7 @@ import { join } from 'node:path'
 
 import test from 'ava'
 
-import { RpcClient, RpcError, RpcServer, closeRpcClient, initRpcClient, rpc } from '../index.js'
+import { RpcClient, RpcError, RpcServer, closeRpcClient, initRpcClient, pack, rpc } from '../index.js'
 import { startWorker, tempDir, type Worker } from './helpers'
 
 let worker: Worker
@@ -161,5 +161,43 @@ test('whole numbers beyond 32 bits leave Node as MessagePack integers, fractions
   t.true(body.includes('cf0000010000000000'), `2**40 as uint 64 in ${body}`)
   t.true(body.includes('d3ffffff0000000000'), `-(2**40) as int 64 in ${body}`)
   t.true(body.includes('cb3ff8000000000000'), `1.5 stays float 64 in ${body}`)
+  await c.close()
+})
+
+test('a result msgpackr cannot unpack fails only its own call, with ERR_FERRY_DECODE', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const path = join(dir, 'ext.sock')
+  const frame = (body: Buffer) => Buffer.concat([Buffer.from([0, 0, 0, 0].map((_, i) => (body.length >> (8 * (3 - i))) & 0xff)), body])
+  const response = (id: number, result: Buffer) =>
+    frame(Buffer.concat([Buffer.from([0x83]), pack('type'), pack('rpc_response'), pack('request_id'), pack(id), pack('result'), result]))
+  const sockets: Socket[] = []
+  const peer = createServer((s) => {
+    sockets.push(s)
+    let buf = Buffer.alloc(0)
+    let calls = 0
+    s.on('data', (d) => {
+      buf = Buffer.concat([buf, d])
+      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
+        buf = buf.subarray(4 + buf.readUInt32BE(0))
+        if (++calls === 2) {
+          // Both answers in one write, so they arrive in one read: an unknown extension type
+          // (5) for call 1, a plain value for call 2.
+          s.write(Buffer.concat([response(1, Buffer.from([0xd4, 0x05, 0x00])), response(2, pack('fine'))]))
+        }
+      }
+    })
+  })
+  await new Promise<void>((r) => peer.listen(path, r))
+  t.teardown(() => {
+    sockets.forEach((s) => s.destroy())
+    peer.close()
+  })
+  const c = await RpcClient.connect(path)
+  const odd = c.call('odd')
+  const ok = c.call('ok')
+  t.is((await t.throwsAsync(odd, { instanceOf: RpcError }))!.code, 'ERR_FERRY_DECODE')
+  t.is(await ok, 'fine')
+  t.is(c.pendingCalls, 0)
   await c.close()
 })

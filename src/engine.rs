@@ -111,6 +111,18 @@ impl NativeEngine {
         })
     }
 
+    /// Hands `[id, result, ...]` to the `deliver` hook; false when the hook threw (it settles
+    /// nothing then: it unpacks the whole buffer before resolving any call).
+    fn deliver(&self, env: sys::napi_env, pairs: &[u8]) -> bool {
+        let Some(hooks) = &self.hooks else {
+            return true;
+        };
+        match raw::buffer_copy(env, pairs) {
+            Ok(buf) => hooks.deliver.call(env, &[buf]).is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Hands a failed call to the `fail` hook.
     fn fail(&self, env: sys::napi_env, id: u64, err: &CoreError) {
         let Some(hooks) = &self.hooks else { return };
@@ -217,6 +229,8 @@ impl NativeEngine {
         self.engine.feed(&chunk);
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
+        // Each answered call's id and where its `[id, result]` pair ends in `batch`.
+        let mut items: Vec<(u64, usize)> = Vec::new();
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Settled {
@@ -225,6 +239,7 @@ impl NativeEngine {
                 } => {
                     rmp::encode::write_uint(&mut batch, token).expect("Vec write");
                     batch.extend_from_slice(payload.as_bytes());
+                    items.push((token, batch.len()));
                 }
                 Event::Settled {
                     token,
@@ -249,11 +264,17 @@ impl NativeEngine {
                 }
             }
         }
-        if !batch.is_empty() {
-            if let Some(hooks) = &self.hooks {
-                if let Ok(buf) = raw::buffer_copy(raw_env, &batch) {
-                    let _ = hooks.deliver.call(raw_env, &[buf]);
+        if !items.is_empty() && !self.deliver(raw_env, &batch) {
+            // msgpackr refused the batch (an extension type it does not know, say): deliver
+            // call by call, so only the calls whose results it cannot unpack fail.
+            let mut start = 0;
+            for (id, end) in items {
+                if !self.deliver(raw_env, &batch[start..end]) {
+                    let e =
+                        CoreError::Decode("the result could not be unpacked in JavaScript".into());
+                    self.fail(raw_env, id, &e);
                 }
+                start = end;
             }
         }
         if batch.capacity() > 1 << 20 {
