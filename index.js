@@ -1,13 +1,14 @@
 'use strict'
 // ferry-ipc: the JavaScript face of Ferry. A small wrapper over the native engine
-// (native.js, built by napi-rs from src/): it owns the `net` sockets and moves opaque bytes
-// between them and Rust, which does the framing, request ids, deadlines, envelopes and
-// limits. Values cross as MessagePack packed and unpacked by msgpackr. Typings and
-// documentation: index.d.ts.
+// (native.js, built by napi-rs from src/), which owns each connection's socket on Node's own
+// event loop and does the I/O, framing, request ids, deadlines, envelopes and limits. JS keeps
+// the promises and runs the handlers. Values cross as MessagePack packed and unpacked by
+// msgpackr. Typings and documentation: index.d.ts.
 
 const fs = require('node:fs')
 const net = require('node:net')
 const path = require('node:path')
+const util = require('node:util')
 const { Packr } = require('msgpackr')
 const { NativeEngine, fastCall } = require('./native.js')
 
@@ -22,11 +23,11 @@ const NIL = Buffer.from([0xc0])
 const pack = (value) => (value === undefined ? NIL : packr.pack(value))
 const unpack = (buffer) => packr.unpack(buffer)
 
-// Status bits returned by NativeEngine#feed and #status.
-const STATUS_INCOMING = 1
-const STATUS_FATAL = 2
-const STATUS_OUTPUT = 4
-const STATUS_IDLE = 8
+// What NativeEngine reports through onSocket(kind, arg).
+const SOCKET_INCOMING = 0
+const SOCKET_LOST = 1
+const SOCKET_FATAL = 2
+const SOCKET_CLOSED = 3
 
 /** Wire error types a handler may choose by throwing an error with `errorType` set. */
 const WIRE_ERROR_TYPES = new Set(['NotFound', 'InvalidParams', 'HandlerError', 'Internal'])
@@ -69,11 +70,10 @@ function register(map, name, handler) {
 
 /**
  * One connection, both directions. Created by RpcClient.connect or by RpcServer for each
- * peer; the socket belongs to it.
+ * peer; the socket belongs to its native engine.
  */
 class RpcConnection {
-  constructor(socket, options = {}, server = null) {
-    this._socket = socket
+  constructor(options = {}, server = null) {
     this._server = server
     this._defaultTimeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS
     // Pending calls by id: Rust owns ids, matching and deadlines; JS keeps the resolvers.
@@ -101,25 +101,46 @@ class RpcConnection {
     this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError)
     // The per-call entry point, without napi-rs's method overhead (see src/fast.rs).
     this._handle = this._native.fastHandle()
+    this._onSocket = (kind, arg) => {
+      if (kind === SOCKET_INCOMING) this._dispatch(arg)
+      else if (kind === SOCKET_LOST) this._lost(arg)
+      else if (kind === SOCKET_FATAL) {
+        this._finish(arg)
+        this._endSocket()
+      } else if (kind === SOCKET_CLOSED) this._socketClosed()
+    }
     this._handlers = new Map()
     this._routes = new Map()
-    this._flushScheduled = false
-    this._flush = () => {
-      this._flushScheduled = false
-      this._flushNow()
-    }
     this._timer = null
     this._timerAt = Infinity
     this._onTimer = () => this._expire()
-    this._userRef = false
-    this._refed = true
+    this._socketOpen = false
+    this._closeTimer = null
     this._closed = false
     this._closeReason = null
     this._closedPromise = new Promise((resolve) => (this._resolveClosed = resolve))
-    socket.on('data', (chunk) => this._onData(chunk))
-    socket.on('error', (err) => this._lost(`socket error: ${err.message}`))
-    socket.on('close', () => this._lost('peer closed the connection'))
-    this._updateRef()
+  }
+
+  /** Connects the engine to `path`: 0, or the errno of a failed attempt. */
+  _connect(path) {
+    const errno = this._native.connect(path, this._onSocket)
+    if (errno === 0) this._socketOpen = true
+    return errno
+  }
+
+  /**
+   * Takes over a socket accepted by net.Server (created paused, so Node never read from it):
+   * the engine duplicates the descriptor and Node's socket is destroyed.
+   */
+  _adopt(socket) {
+    const fd = socket._handle?.fd
+    const errno = typeof fd === 'number' && fd >= 0 ? this._native.adopt(fd, this._onSocket) : -1
+    socket.destroy()
+    if (errno === 0) {
+      this._socketOpen = true
+      return true
+    }
+    return false
   }
 
   /**
@@ -175,12 +196,8 @@ class RpcConnection {
       const at = performance.now() + timeoutMs
       if (at < this._timerAt) this._armTimer()
     }
-    this._scheduleFlush()
-    // A call is pending now: hold the process open until it settles.
-    if (!this._refed) {
-      this._refed = true
-      this._socket.ref()
-    }
+    // The engine writes the frame before the loop next waits, and holds the process open
+    // while the call is pending.
     return promise
   }
 
@@ -208,15 +225,13 @@ class RpcConnection {
 
   /** Keep the process alive while this connection is open, even when idle. */
   ref() {
-    this._userRef = true
-    this._updateRef()
+    if (!this._closed) this._native.setRef(true)
     return this
   }
 
   /** Let the process exit when this connection is idle (the default). */
   unref() {
-    this._userRef = false
-    this._updateRef()
+    if (!this._closed) this._native.setRef(false)
     return this
   }
 
@@ -233,28 +248,31 @@ class RpcConnection {
   }
 
   /**
-   * Ends the socket once queued frames are flushed, without waiting for the peer's FIN (the
-   * socket is unref'd, and an idle process must be able to await close() and go on), and
-   * destroys it anyway after CLOSE_FLUSH_MS if the peer does not read.
+   * Ends the socket once queued frames are written, without waiting for the peer's FIN (an
+   * idle process must be able to await close() and go on), and destroys it anyway after
+   * CLOSE_FLUSH_MS if the peer does not read.
    */
   _endSocket() {
-    const socket = this._socket
-    const timer = setTimeout(() => socket.destroy(), CLOSE_FLUSH_MS)
-    socket.once('close', () => clearTimeout(timer))
-    socket.end(() => socket.destroy())
-  }
-
-  _scheduleFlush() {
-    if (!this._flushScheduled) {
-      this._flushScheduled = true
-      process.nextTick(this._flush)
+    if (!this._socketOpen) return
+    if (this._native.endSocket()) {
+      this._socketClosed()
+      return
     }
+    this._closeTimer = setTimeout(() => this._destroySocket(), CLOSE_FLUSH_MS)
   }
 
-  _flushNow() {
-    if (this._socket.destroyed) return
-    const out = this._native.takeOutput()
-    if (out !== null) this._socket.write(out)
+  _destroySocket() {
+    if (!this._socketOpen) return
+    this._native.destroySocket()
+    this._socketClosed()
+  }
+
+  _socketClosed() {
+    if (!this._socketOpen) return
+    this._socketOpen = false
+    if (this._closeTimer) clearTimeout(this._closeTimer)
+    this._closeTimer = null
+    this._resolveClosed()
   }
 
   _armTimer() {
@@ -279,40 +297,17 @@ class RpcConnection {
     this._afterSettle()
   }
 
+  /** After a call of ours or the peer's settled (the engine flushes and re-refs itself). */
   _afterSettle() {
-    this._scheduleFlush() // timeouts and cancellations queue `cancel` frames
-    this._updateRef()
     this._server?._drained?.()
   }
 
-  _updateRef(status = this._native.status()) {
-    const busy = !this._closed && (this._userRef || (status & STATUS_IDLE) === 0)
-    if (busy !== this._refed) {
-      this._refed = busy
-      if (busy) this._socket.ref()
-      else this._socket.unref()
+  /** The peer's calls of one read: `[kind, token, name, params, ...]`. */
+  _dispatch(incoming) {
+    for (let i = 0; i < incoming.length; i += 4) {
+      if (incoming[i] === 0) this._runCall(incoming[i + 1], incoming[i + 2], incoming[i + 3])
+      else this._runRoute(incoming[i + 1], incoming[i + 2], incoming[i + 3])
     }
-  }
-
-  _onData(chunk) {
-    if (this._closed) return
-    const status = this._native.feed(chunk)
-    if (status & STATUS_INCOMING) {
-      const incoming = this._native.takeIncoming()
-      for (let i = 0; i < incoming.length; i += 4) {
-        if (incoming[i] === 0) this._runCall(incoming[i + 1], incoming[i + 2], incoming[i + 3])
-        else this._runRoute(incoming[i + 1], incoming[i + 2], incoming[i + 3])
-      }
-    }
-    // Answers made while dispatching (unknown functions, sync handlers) go out with the rest.
-    if (status & (STATUS_OUTPUT | STATUS_INCOMING)) this._flushNow()
-    if (status & STATUS_FATAL) {
-      this._finish(this._native.fatalReason)
-      this._endSocket()
-      return
-    }
-    // Handlers may have answered synchronously: ask again only then.
-    this._updateRef(status & STATUS_INCOMING ? undefined : status)
   }
 
   _context(requestToken) {
@@ -408,7 +403,7 @@ class RpcConnection {
   _lost(reason) {
     if (this._closed) return
     this._finish(reason)
-    this._socket.destroy()
+    this._destroySocket()
   }
 
   _finish(lostReason) {
@@ -417,22 +412,15 @@ class RpcConnection {
     }
     this._closed = true
     this._closeReason = lostReason
-    // Flush what is queued (answers, error frames) before the socket goes.
-    this._flushNow()
+    // Write what is queued (answers, error frames) before the socket goes.
+    if (this._socketOpen) this._native.flushSocket()
     this._native.close(lostReason ?? undefined)
     if (this._timer) clearTimeout(this._timer)
     this._timer = null
-    this._socket.unref()
-    this._refed = false
     this._server?._connections.delete(this)
     this._server?._drained?.()
-    if (this._socket.destroyed || this._socket.closed) this._resolveClosed()
-    else this._socket.once('close', () => this._resolveClosed())
+    if (!this._socketOpen) this._resolveClosed()
   }
-}
-
-function isRetryableConnectError(err) {
-  return err && (err.code === 'ENOENT' || err.code === 'ECONNREFUSED' || err.code === 'EAGAIN')
 }
 
 function connectOnce(path) {
@@ -448,6 +436,25 @@ function connectOnce(path) {
       resolve(socket)
     })
   })
+}
+
+/** Errors of a connect attempt worth retrying: a peer still starting, or a full backlog. */
+const RETRYABLE_CONNECT = new Set(['ENOENT', 'ECONNREFUSED', 'EAGAIN', 'EINPROGRESS'])
+
+/** An Error like Node's own for a failed connect, from the engine's errno. */
+function connectError(errno, socketPath) {
+  let code
+  try {
+    code = util.getSystemErrorName(-errno)
+  } catch {
+    code = `E${errno}`
+  }
+  const err = new Error(`connect ${code} ${socketPath}`)
+  err.code = code
+  err.errno = -errno
+  err.syscall = 'connect'
+  err.address = socketPath
+  return err
 }
 
 /** Resolves after `ms`, or as soon as `signal` aborts. */
@@ -474,19 +481,16 @@ class RpcClient extends RpcConnection {
     const signal = options.signal
     const deadline = performance.now() + connectTimeoutMs
     let delay = 5
+    const client = new RpcClient(options)
     for (;;) {
       if (signal?.aborted) {
         throw new RpcError(`connecting to ${socketPath} was aborted`, 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason })
       }
-      try {
-        const socket = await connectOnce(socketPath)
-        if (signal?.aborted) {
-          socket.destroy()
-          continue
-        }
-        return new RpcClient(socket, options)
-      } catch (err) {
-        if (!isRetryableConnectError(err)) {
+      const errno = client._connect(socketPath)
+      if (errno === 0) return client
+      {
+        const err = connectError(errno, socketPath)
+        if (!RETRYABLE_CONNECT.has(err.code)) {
           throw new RpcError(`cannot connect to ${socketPath}: ${err.message}`, 'ERR_FERRY_CONNECT', undefined, { cause: err })
         }
         const left = deadline - performance.now()
@@ -551,8 +555,8 @@ class RpcServer {
       this._identity = `${st.dev}:${st.ino}`
     } catch {}
     server.on('connection', (socket) => {
-      const conn = new RpcConnection(socket, this._options, this)
-      if (this._closing) {
+      const conn = new RpcConnection(this._options, this)
+      if (!conn._adopt(socket) || this._closing) {
         conn.close()
         return
       }
@@ -577,7 +581,8 @@ class RpcServer {
     const tmp = path.join(path.dirname(socketPath), `.ferry-${Math.random().toString(36).slice(2, 10)}`)
     // A path too close to the limit for the private name is bound directly.
     const viaLink = Buffer.byteLength(tmp) <= MAX_SOCKET_PATH
-    const server = net.createServer()
+    // Connections are created paused: their engines take the sockets over before any read.
+    const server = net.createServer({ pauseOnConnect: true })
     await new Promise((resolve, reject) => {
       server.once('error', reject)
       server.listen(viaLink ? tmp : socketPath, () => {

@@ -1,10 +1,10 @@
-//! `NativeEngine`: one connection's protocol engine for the Node event loop.
+//! `NativeEngine`: one connection's protocol engine and socket on the Node event loop.
 //!
-//! The wrapper feeds it the bytes its socket reads and writes out what
-//! [`NativeEngine::take_output`] returns (once per tick, so a burst of calls shares one
-//! `write`). A call crosses into Rust once (`call` queues the frame and returns the call's id)
-//! and its answer crosses back once per *read*, not per call: `feed` writes every result of
-//! a read into one MessagePack buffer `[id, value, id, value, ...]` and hands it to the
+//! The engine owns the connection's Unix socket, watched by libuv on Node's own loop (see
+//! [`crate::socket`]): no thread sits between a call and the socket. A call crosses into Rust
+//! once (`fastCall` queues the frame and returns the call's id); the frames queued in one loop
+//! turn go out in one `send`. Answers cross back once per *read*, not per call: every result
+//! of a read goes into one MessagePack buffer `[id, value, id, value, ...]` handed to the
 //! wrapper's `deliver` hook, which unpacks it with one msgpackr call and resolves the
 //! promises. Envelopes, ids, matching and deadlines stay in Rust. Every buffer from JS is
 //! validated (one value, well-formed) before it is spliced into a frame, and whole numbers
@@ -22,16 +22,25 @@ use slab::Slab;
 
 use crate::error;
 use crate::raw::{self, FnRef, RawValue};
+use crate::socket::{Driver, JsScope, NativeSocket};
+use crate::uv;
+
+/// Kinds of the native socket's `onSocket(kind, arg)` events.
+const SOCKET_INCOMING: u32 = 0;
+const SOCKET_LOST: u32 = 1;
+const SOCKET_FATAL: u32 = 2;
+const SOCKET_CLOSED: u32 = 3;
+
+/// How much one readable event reads at most before letting the loop go on.
+const READ_BUDGET: usize = 4 << 20;
 
 /// Kind tags of the items in the array returned by [`NativeEngine::take_incoming`].
 const INCOMING_CALL: u32 = 0;
 const INCOMING_INVOKE: u32 = 1;
 
-/// Bits of the status returned by `feed` and `status`.
+/// Bits of the status returned by `process`.
 const STATUS_INCOMING: u32 = 1;
 const STATUS_FATAL: u32 = 2;
-const STATUS_OUTPUT: u32 = 4;
-const STATUS_IDLE: u32 = 8;
 
 enum Incoming {
     Call(RequestId, String, Payload),
@@ -51,9 +60,9 @@ pub struct NativeEngine {
     /// Pending calls carry their own id as the token.
     engine: Engine<u64>,
     hooks: Option<Hooks>,
-    /// The peer's calls decoded by `feed`, waiting for `takeIncoming`.
+    /// The peer's calls decoded by `process`, handed to JS after each read.
     incoming: Vec<Incoming>,
-    /// The results of one `feed` as `[id, value, ...]`, for one `deliver` call.
+    /// The results of one read as `[id, value, ...]`, for one `deliver` call.
     batch: Vec<u8>,
     /// The peer's calls being served by JS handlers, by the token JS answers with.
     calls: Slab<RequestId>,
@@ -62,6 +71,10 @@ pub struct NativeEngine {
     /// Why the last `call`/`invoke` failed before it was queued (it returned 0).
     last_error: Option<CoreError>,
     fatal: Option<String>,
+    /// The socket, once `connect` or `adopt` succeeded, until it is closed.
+    socket: Option<NativeSocket>,
+    /// The wrapper's `ref()`: hold the process open even when idle.
+    user_ref: bool,
 }
 
 fn bad_arg(msg: impl Into<String>) -> napi::Error {
@@ -108,6 +121,8 @@ impl NativeEngine {
             spare: Vec::new(),
             last_error: None,
             fatal: None,
+            socket: None,
+            user_ref: false,
         })
     }
 
@@ -174,7 +189,9 @@ impl NativeEngine {
         }
         let deadline = Self::deadline(timeout_ms);
         let r = self.engine.call_with_id(name, params, deadline);
-        self.queued(r)
+        let id = self.queued(r);
+        self.touched();
+        id
     }
 
     /// A type-tagged handle of this engine for the raw `fastCall(handle, name, params,
@@ -197,7 +214,9 @@ impl NativeEngine {
         }
         let deadline = Self::deadline(timeout_ms);
         let r = self.engine.invoke_with_id(&handler_id, &request, deadline);
-        self.queued(r)
+        let id = self.queued(r);
+        self.touched();
+        id
     }
 
     /// The error of the last `call`/`invoke` that returned 0.
@@ -215,18 +234,16 @@ impl NativeEngine {
     /// the peer. Returns false when the call had already ended.
     #[napi]
     pub fn cancel(&mut self, id: f64) -> bool {
-        self.engine.cancel(id as u64).is_some()
+        let found = self.engine.cancel(id as u64).is_some();
+        self.touched();
+        found
     }
 
-    /// Feeds bytes read from the socket: delivers the answered calls of this read in one
+    /// Acts on the frames read so far: delivers the answered calls of this read in one
     /// `deliver` call, fails the failed ones, answers health checks and bad messages, and
-    /// queues the peer's calls for `takeIncoming`. Returns the status bits: 1 incoming calls
-    /// queued, 2 fatal (flush, then close the socket; see `fatalReason`), 4 frames to write,
-    /// 8 idle (no call pending either way).
-    #[napi]
-    pub fn feed(&mut self, env: Env, chunk: BufferSlice) -> u32 {
-        let raw_env = env.raw();
-        self.engine.feed(&chunk);
+    /// queues the peer's calls for [`Self::incoming_array`]. Returns the status bits: 1 incoming
+    /// calls queued, 2 fatal (the stream cannot be trusted; see `fatal`).
+    fn process(&mut self, raw_env: sys::napi_env) -> u32 {
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
         // Each answered call's id and where its `[id, result]` pair ends in `batch`.
@@ -284,9 +301,7 @@ impl NativeEngine {
         self.status()
     }
 
-    /// The status bits, as `feed` returns them.
-    #[napi]
-    pub fn status(&self) -> u32 {
+    fn status(&self) -> u32 {
         let mut bits = 0;
         if !self.incoming.is_empty() {
             bits |= STATUS_INCOMING;
@@ -294,24 +309,12 @@ impl NativeEngine {
         if self.fatal.is_some() {
             bits |= STATUS_FATAL;
         }
-        if self.engine.has_output() {
-            bits |= STATUS_OUTPUT;
-        }
-        if self.engine.pending_len() == 0
-            && self.calls.is_empty()
-            && self.invokes.is_empty()
-            && self.incoming.is_empty()
-        {
-            bits |= STATUS_IDLE;
-        }
         bits
     }
 
-    /// The peer's calls queued by `feed`, as a flat array `[kind, token, name, params, ...]`
-    /// (kind 0: rpc_call, 1: invoke_handler). Answer each with its token.
-    #[napi(ts_return_type = "Array<number | string | Buffer>")]
-    pub fn take_incoming(&mut self, env: Env) -> Result<RawValue> {
-        let raw_env = env.raw();
+    /// The peer's calls queued by `process`, as a flat array `[kind, token, name, params,
+    /// ...]` (kind 0: rpc_call, 1: invoke_handler). JS answers each with its token.
+    fn incoming_array(&mut self, raw_env: sys::napi_env) -> Result<sys::napi_value> {
         let mut items: Vec<sys::napi_value> = Vec::with_capacity(self.incoming.len() * 4);
         for item in std::mem::take(&mut self.incoming) {
             match item {
@@ -345,31 +348,7 @@ impl NativeEngine {
                 "set element",
             )?;
         }
-        Ok(RawValue(array))
-    }
-
-    /// Why the stream can no longer be trusted (an oversized length prefix), or null.
-    #[napi(getter)]
-    pub fn fatal_reason(&self) -> Option<String> {
-        self.fatal.clone()
-    }
-
-    /// The frames queued since the last call, as one Buffer, or null when there are none.
-    #[napi]
-    pub fn take_output(&mut self, env: Env) -> Result<Option<BufferSlice<'_>>> {
-        if !self.engine.has_output() {
-            return Ok(None);
-        }
-        let spare = std::mem::take(&mut self.spare);
-        let out = self.engine.take_output(spare);
-        // Small batches are copied (cheap, and the buffer is reused); large ones are handed
-        // over without a copy as an external buffer that frees the Vec when collected.
-        if out.len() >= 32 * 1024 {
-            return BufferSlice::from_data(&env, out).map(Some);
-        }
-        let buf = BufferSlice::copy_from(&env, &out)?;
-        self.spare = out;
-        Ok(Some(buf))
+        Ok(array)
     }
 
     /// Fails the calls whose deadline has passed with `ERR_FERRY_TIMEOUT` (through `fail`).
@@ -379,6 +358,7 @@ impl NativeEngine {
         for (id, e) in self.engine.expire(Instant::now()) {
             self.fail(env.raw(), id, &e);
         }
+        self.touched();
         self.next_deadline_ms()
     }
 
@@ -417,6 +397,7 @@ impl NativeEngine {
                 self.engine.respond(&id, Err((&msg, &ErrorType::Internal)));
             }
         }
+        self.touched();
         Ok(())
     }
 
@@ -429,6 +410,7 @@ impl NativeEngine {
             .ok_or_else(|| bad_arg("unknown call token"))?;
         self.engine
             .respond(&id, Err((&message, &ErrorType::parse(&error_type))));
+        self.touched();
         Ok(())
     }
 
@@ -466,6 +448,7 @@ impl NativeEngine {
                 },
             );
         }
+        self.touched();
         Ok(())
     }
 
@@ -491,6 +474,7 @@ impl NativeEngine {
                 status,
             },
         );
+        self.touched();
         Ok(())
     }
 
@@ -505,11 +489,348 @@ impl NativeEngine {
         self.calls.clear();
         self.invokes.clear();
         self.incoming.clear();
+        self.user_ref = false;
+        self.touched();
+    }
+}
+
+/// The native socket: Rust owns the connection's socket and libuv watches it on Node's loop.
+#[napi]
+impl NativeEngine {
+    /// Connects to the Unix socket at `path` without blocking and, on success, owns it:
+    /// reads, writes and answers happen in Rust on the JS thread, and `onSocket(kind, arg)`
+    /// reports what JS must act on (0: the peer's calls, as `takeIncoming` returns them;
+    /// 1: the connection was lost, with the reason; 2: the stream is untrusted, with the
+    /// reason: close it; 3: an ended socket finished writing and closed). Returns 0, or the
+    /// errno of the failed connect (EAGAIN: the listener's backlog is full, retry).
+    #[napi]
+    pub fn connect(
+        &mut self,
+        env: Env,
+        this: This,
+        path: String,
+        on_socket: Function,
+    ) -> Result<i32> {
+        use socket2::{Domain, SockAddr, Type};
+        let attempt = (|| {
+            let addr = SockAddr::unix(&path)?;
+            let sock = socket2::Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            sock.set_nonblocking(true)?;
+            match sock.connect(&addr) {
+                Ok(()) => Ok(sock),
+                // Not seen with Unix sockets on Linux; elsewhere, treat as busy and retry.
+                Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {
+                    Err(std::io::Error::from(std::io::ErrorKind::WouldBlock))
+                }
+                Err(e) => Err(e),
+            }
+        })();
+        match attempt {
+            Ok(sock) => self.attach(env, this, sock, on_socket).map(|()| 0),
+            Err(e) => Ok(errno_of(&e)),
+        }
+    }
+
+    /// Takes over a connected socket accepted by Node (`fd` of a paused `net.Socket`): the
+    /// descriptor is duplicated, so the caller destroys its socket afterwards. Like `connect`.
+    #[napi]
+    pub fn adopt(&mut self, env: Env, this: This, fd: i32, on_socket: Function) -> Result<i32> {
+        use std::os::fd::BorrowedFd;
+        if fd < 0 {
+            return Err(bad_arg("adopt: not a file descriptor"));
+        }
+        // SAFETY: the caller's socket owns `fd` and keeps it open during this call.
+        match unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() {
+            Ok(owned) => {
+                let sock = socket2::Socket::from(owned);
+                sock.set_nonblocking(true)?;
+                self.attach(env, this, sock, on_socket).map(|()| 0)
+            }
+            Err(e) => Ok(errno_of(&e)),
+        }
+    }
+
+    fn attach(
+        &mut self,
+        env: Env,
+        this: This,
+        sock: socket2::Socket,
+        on_socket: Function,
+    ) -> Result<()> {
+        if self.socket.is_some() {
+            return Err(bad_arg("the engine already has a socket"));
+        }
+        let hook = FnRef::new(env.raw(), on_socket.raw())?;
+        let owner = self as *mut NativeEngine;
+        // SAFETY: on the JS thread; `this` wraps `self`, and the socket holds a strong
+        // reference to it while open, so `owner` stays valid for the handles.
+        let socket =
+            unsafe { NativeSocket::open(env.raw(), this.object.raw(), owner, sock, hook)? };
+        self.socket = Some(socket);
+        self.touched();
+        Ok(())
+    }
+
+    /// Keeps the process alive while the socket is open, even when idle (`ref()`), or only
+    /// while calls are pending either way (the default).
+    #[napi]
+    pub fn set_ref(&mut self, on: bool) {
+        self.user_ref = on;
+        self.touched();
+    }
+
+    /// Writes the queued frames now, as far as the socket takes them. Returns the error that
+    /// ended the connection, or null.
+    #[napi]
+    pub fn flush_socket(&mut self) -> Option<String> {
+        self.flush_out().err().map(|e| format!("socket error: {e}"))
+    }
+
+    /// Stops reading and closes the socket once the queued frames are written. Returns true
+    /// when it is closed already; otherwise `onSocket(3)` follows.
+    #[napi]
+    pub fn end_socket(&mut self) -> bool {
+        let Some(s) = self.socket.as_mut() else {
+            return true;
+        };
+        s.ending = true;
+        s.stop_reading::<NativeEngine>();
+        let done = match self.flush_out() {
+            Ok(()) => !self.socket.as_ref().is_some_and(|s| s.has_unwritten()),
+            Err(_) => true,
+        };
+        if done {
+            self.close_socket();
+        }
+        done
+    }
+
+    /// Closes the socket now; unwritten frames are dropped.
+    #[napi]
+    pub fn destroy_socket(&mut self) {
+        self.close_socket();
+    }
+}
+
+impl NativeEngine {
+    /// After anything that may queue frames or change what is pending: makes sure the frames
+    /// go out this loop turn, and holds the process open exactly while something is pending.
+    #[inline]
+    fn touched(&mut self) {
+        if let Some(s) = self.socket.as_mut() {
+            if self.engine.has_output() {
+                s.arm::<NativeEngine>();
+            }
+            let busy = self.user_ref
+                || self.engine.pending_len() != 0
+                || !self.calls.is_empty()
+                || !self.invokes.is_empty();
+            s.set_ref(busy && !s.ending);
+        }
+    }
+
+    /// Moves the engine's queued frames to the socket and writes what it takes.
+    fn flush_out(&mut self) -> std::io::Result<()> {
+        let Some(s) = self.socket.as_mut() else {
+            return Ok(());
+        };
+        s.disarm();
+        if self.engine.has_output() {
+            if !s.has_unwritten() {
+                let spare = std::mem::take(&mut s.wbuf);
+                s.wbuf = self.engine.take_output(spare);
+                s.wpos = 0;
+            } else {
+                let out = self.engine.take_output(std::mem::take(&mut self.spare));
+                s.wbuf.drain(..s.wpos);
+                s.wpos = 0;
+                s.wbuf.extend_from_slice(&out);
+                self.spare = out;
+            }
+        }
+        s.write_pending::<NativeEngine>()
+    }
+
+    fn close_socket(&mut self) {
+        if let Some(s) = self.socket.take() {
+            // SAFETY: on the JS thread (every caller is a JS call or a libuv callback).
+            unsafe { s.close::<NativeEngine>(true) };
+        }
+    }
+
+    /// Calls `onSocket(kind, arg)`. No borrow of the engine may be held: JS may call back in.
+    ///
+    /// # Safety
+    /// `this` is live, on the JS thread, inside a [`JsScope`].
+    unsafe fn emit(this: *mut NativeEngine, kind: u32, arg: Option<sys::napi_value>) {
+        let Some(s) = (*this).socket.as_ref() else {
+            return;
+        };
+        let env = s.env;
+        let hook = s.hook.clone_raw();
+        let kind = raw::uint(env, kind).unwrap_or(std::ptr::null_mut());
+        let arg = arg.unwrap_or_else(|| raw::undefined(env));
+        if let Err(exception) = hook.call(env, &[kind, arg]) {
+            // The wrapper's hook does not throw; if it ever does, report it like any
+            // exception thrown from an I/O callback.
+            sys::napi_fatal_exception(env, exception);
+        }
+    }
+
+    unsafe fn emit_reason(this: *mut NativeEngine, kind: u32, reason: &str) {
+        let Some(env) = (*this).socket.as_ref().map(|s| s.env) else {
+            return;
+        };
+        if let Ok(r) = raw::string(env, reason) {
+            Self::emit(this, kind, Some(r));
+        }
+    }
+
+    /// Reads what the socket has (up to [`READ_BUDGET`]); returns whether the peer hung up
+    /// and the error that ended the stream, if any.
+    fn read_socket(&mut self) -> (bool, Option<std::io::Error>) {
+        let Some(s) = self.socket.as_ref() else {
+            return (false, None);
+        };
+        let mut total = 0;
+        loop {
+            let buf = self.engine.read_buffer();
+            if buf.capacity() - buf.len() < 16 * 1024 {
+                buf.reserve(64 * 1024);
+            }
+            let spare = buf.spare_capacity_mut();
+            let want = spare.len();
+            match s.sock.recv(spare) {
+                Ok(0) => return (true, None),
+                Ok(n) => {
+                    // SAFETY: `recv` initialized the first `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(buf.len() + n) };
+                    total += n;
+                    // A short read means the socket is drained (the poll is level-triggered:
+                    // anything arriving meanwhile fires it again).
+                    if n < want || total >= READ_BUDGET {
+                        return (false, None);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return (false, None),
+                Err(e) => return (false, Some(e)),
+            }
+        }
+    }
+}
+
+const EINPROGRESS: i32 = 115;
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(n) if n > 0 => n,
+        _ => match e.kind() {
+            std::io::ErrorKind::WouldBlock => 11,
+            std::io::ErrorKind::NotFound => 2,
+            _ => 22, // EINVAL: a path too long or with a NUL
+        },
+    }
+}
+
+impl Driver for NativeEngine {
+    unsafe fn on_poll(this: *mut Self, status: std::ffi::c_int, events: std::ffi::c_int) {
+        let Some(s) = (*this).socket.as_ref() else {
+            return;
+        };
+        let scope = JsScope::open(s);
+        let env = s.env;
+        if status < 0 {
+            let e = std::io::Error::from_raw_os_error(-status);
+            Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}"));
+        } else {
+            if events & uv::UV_WRITABLE != 0 {
+                let result = (*this).flush_out();
+                let ending = (*this).socket.as_ref().is_some_and(|s| s.ending);
+                match result {
+                    Ok(())
+                        if ending
+                            && !(*this).socket.as_ref().is_some_and(|s| s.has_unwritten()) =>
+                    {
+                        Self::emit(this, SOCKET_CLOSED, None);
+                        (*this).close_socket();
+                    }
+                    Ok(()) => {}
+                    Err(_) if ending => {
+                        Self::emit(this, SOCKET_CLOSED, None);
+                        (*this).close_socket();
+                    }
+                    Err(e) => Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}")),
+                }
+            }
+            let reading = (*this).socket.as_ref().is_some_and(|s| !s.ending);
+            if reading && events & uv::UV_READABLE != 0 {
+                let (eof, err) = (*this).read_socket();
+                let bits = (*this).process(env);
+                if bits & STATUS_INCOMING != 0 {
+                    match (*this).incoming_array(env) {
+                        Ok(items) => Self::emit(this, SOCKET_INCOMING, Some(items)),
+                        Err(_) => {
+                            (*this).incoming.clear();
+                        }
+                    }
+                }
+                if bits & STATUS_FATAL != 0 {
+                    if let Some(s) = (*this).socket.as_mut() {
+                        s.stop_reading::<NativeEngine>();
+                    }
+                    let reason = (*this).fatal.clone().unwrap_or_default();
+                    Self::emit_reason(this, SOCKET_FATAL, &reason);
+                } else if let Some(e) = err {
+                    Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}"));
+                } else if eof {
+                    Self::emit_reason(this, SOCKET_LOST, "peer closed the connection");
+                }
+            }
+        }
+        (*this).touched();
+        // Promise continuations run here: a sequential caller queues its next call.
+        drop(scope);
+        if (*this).socket.as_ref().is_some_and(|s| !s.ending) {
+            if let Err(e) = (*this).flush_out() {
+                let Some(s) = (*this).socket.as_ref() else {
+                    return;
+                };
+                let _scope = JsScope::open(s);
+                Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}"));
+            }
+        }
+    }
+
+    unsafe fn on_prepare(this: *mut Self) {
+        if let Err(e) = (*this).flush_out() {
+            let Some(s) = (*this).socket.as_ref() else {
+                return;
+            };
+            let ending = s.ending;
+            let _scope = JsScope::open(s);
+            if ending {
+                Self::emit(this, SOCKET_CLOSED, None);
+                (*this).close_socket();
+            } else {
+                Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}"));
+            }
+        }
+    }
+
+    unsafe fn on_teardown(this: *mut Self) {
+        if let Some(s) = (*this).socket.take() {
+            s.close::<NativeEngine>(false);
+        }
     }
 }
 
 impl ObjectFinalize for NativeEngine {
     fn finalize(mut self, env: Env) -> Result<()> {
+        // Only at environment teardown can an engine with an open socket be collected.
+        if let Some(s) = self.socket.take() {
+            unsafe { s.close::<NativeEngine>(false) };
+        }
         // The wrapper holding the promises is gone too; just release the references.
         self.engine
             .close(Some("the connection was garbage-collected".into()));

@@ -3,9 +3,11 @@
 //! # Layout
 //!
 //! - [`engine`]: `NativeEngine`, one connection's protocol engine (framing, request ids,
-//!   deadlines, envelopes, limits) driven from the Node event loop. The socket itself is a
-//!   `net.Socket` owned by the JavaScript wrapper (index.js), which only moves opaque bytes:
-//!   the client's hot path never leaves the JS thread, so a call costs no thread hand-off.
+//!   deadlines, envelopes, limits) and its socket, driven from the Node event loop.
+//! - `socket`: the socket watched by libuv (`uv_poll`) on Node's own loop, through the
+//!   libuv functions in `uv`: reads, decoding and promise resolution happen on the JS thread,
+//!   so a call costs no thread hand-off.
+//! - `fast`: the raw N-API `fastCall` entry point for the per-call hot path.
 //! - [`error`]: the single place where core errors become JS errors with a stable `code`.
 //! - [`raw`]: the few raw N-API calls used for promises and callbacks.
 
@@ -13,3 +15,5 @@ pub mod engine;
 pub mod error;
 mod fast;
 mod raw;
+mod socket;
+mod uv;

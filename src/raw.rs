@@ -59,6 +59,11 @@ impl FnRef {
         }
     }
 
+    /// A copy that does not own the reference (for calling without borrowing the owner).
+    pub fn clone_raw(&self) -> FnRef {
+        FnRef(self.0)
+    }
+
     pub fn release(self, env: sys::napi_env) {
         unsafe { sys::napi_delete_reference(env, self.0) };
     }
