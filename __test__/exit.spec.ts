@@ -387,3 +387,37 @@ test('a handler of the client serving the worker keeps the process alive until i
   )
   await exitsWith(t, child, ['hello child'])
 })
+
+// ----- worker threads: each has its own event loop and Node-API environment ------------------
+
+test('a worker thread with an idle connection ends by itself, and one terminated with calls pending ends cleanly', async (t) => {
+  const child = runScript(
+    t,
+    `const { Worker } = require('node:worker_threads')
+const body = (holdCall) => \`
+const { parentPort } = require('node:worker_threads')
+const ferry = require(\${JSON.stringify(${JSON.stringify(ROOT)})})
+ferry.RpcClient.connect(\${JSON.stringify(SOCKET)}).then(async (client) => {
+  parentPort.postMessage(await client.call('add', { a: 1, b: 2 }))
+  if (\${holdCall}) {
+    client.call('sleep', { ms: 60000 }).catch(() => {})
+    parentPort.postMessage('holding')
+  }
+})\`
+;(async () => {
+  // Ends by itself: the connection is idle and holds nothing.
+  const idle = new Worker(body(false), { eval: true })
+  idle.on('message', (m) => console.log('idle thread', m))
+  console.log('idle thread exit', await new Promise((r) => idle.once('exit', r)))
+  // terminate() with the socket open and a call pending: the environment is torn down
+  // around the open socket.
+  for (let i = 0; i < 3; i++) {
+    const busy = new Worker(body(true), { eval: true })
+    await new Promise((r) => busy.on('message', (m) => m === 'holding' && r()))
+    console.log('terminated', await busy.terminate())
+  }
+})()`,
+    [worker.socket],
+  )
+  await exitsWith(t, child, ['idle thread 3', 'idle thread exit 0', 'terminated 1', 'terminated 1', 'terminated 1'])
+})

@@ -1,5 +1,7 @@
 // Node calling the Rust example worker: every function, every error type, timeouts,
 // cancellation, concurrency, values.
+import { rmSync, writeFileSync } from 'node:fs'
+
 import test from 'ava'
 
 import { RpcClient, RpcError, initRpcClient, closeRpcClient, rpc } from '../index.js'
@@ -179,6 +181,30 @@ test('connect retries until the socket exists, then times out with ERR_FERRY_CON
     instanceOf: RpcError,
   })
   t.is(e!.code, 'ERR_FERRY_CONNECT')
+  t.is((e!.cause as NodeJS.ErrnoException).code, 'ENOENT')
+})
+
+test('connect fails at once, without retrying, when retrying cannot help', async (t) => {
+  // A path longer than a Unix socket address holds, and a path through a regular file.
+  const tooLong = '/tmp/' + 'x'.repeat(200)
+  const notADir = worker.socket + '.file/sock'
+  writeFileSync(worker.socket + '.file', '')
+  try {
+    for (const [path, code] of [
+      [tooLong, 'EINVAL'],
+      [notADir, 'ENOTDIR'],
+    ]) {
+      const started = performance.now()
+      const e = await t.throwsAsync(RpcClient.connect(path, { connectTimeoutMs: 10_000 }), { instanceOf: RpcError })
+      t.is(e!.code, 'ERR_FERRY_CONNECT')
+      t.is((e!.cause as NodeJS.ErrnoException).code, code)
+      t.regex(e!.message, new RegExp(code))
+      // Well inside the 10 s connect timeout: it was not retried until the deadline.
+      t.true(performance.now() - started < 5_000)
+    }
+  } finally {
+    rmSync(worker.socket + '.file', { force: true })
+  }
 })
 
 test('the worker exiting fails pending calls with ERR_FERRY_CONNECTION_LOST', async (t) => {
