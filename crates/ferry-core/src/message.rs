@@ -7,6 +7,7 @@
 //! hand-written over the MessagePack markers so that an envelope costs one pass and no
 //! allocation beyond its strings; unknown keys are skipped, so peers may add fields.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
@@ -440,16 +441,18 @@ pub fn normalize_whole_floats(bytes: &mut [u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// A message's fields as found. Strings borrow from a MessagePack body (only those the
+/// message keeps are copied) and own their text from a JSON one.
 #[derive(Default)]
-struct Fields {
-    ty: Option<String>,
-    function_name: Option<String>,
-    handler_id: Option<String>,
-    error: Option<String>,
-    error_type: Option<String>,
-    code: Option<String>,
-    message: Option<String>,
-    digest: Option<String>,
+struct Fields<'a> {
+    ty: Option<Cow<'a, str>>,
+    function_name: Option<Cow<'a, str>>,
+    handler_id: Option<Cow<'a, str>>,
+    error: Option<Cow<'a, str>>,
+    error_type: Option<Cow<'a, str>>,
+    code: Option<Cow<'a, str>>,
+    message: Option<Cow<'a, str>>,
+    digest: Option<Cow<'a, str>>,
     request_id: Option<RequestId>,
     params: Option<Payload>,
     result: Option<Payload>,
@@ -473,7 +476,7 @@ pub fn decode(body: &Bytes) -> Result<Message, DecodeError> {
     fields.into_message()
 }
 
-fn msgpack_fields(body: &Bytes) -> DResult<Fields> {
+fn msgpack_fields<'a>(body: &'a Bytes) -> DResult<Fields<'a>> {
     let mut r = Reader::new(body);
     let n = r.map_len()?;
     let mut f = Fields::default();
@@ -481,12 +484,12 @@ fn msgpack_fields(body: &Bytes) -> DResult<Fields> {
         let key = r
             .try_str()?
             .ok_or_else(|| DecodeError::bad("map keys must be strings"))?;
-        let string = |r: &mut Reader<'_>| -> DResult<String> {
-            Ok(r.try_str()?
-                .ok_or_else(|| wrong(key, "a string"))?
-                .to_owned())
+        let string = |r: &mut Reader<'a>| -> DResult<Cow<'a, str>> {
+            Ok(Cow::Borrowed(
+                r.try_str()?.ok_or_else(|| wrong(key, "a string"))?,
+            ))
         };
-        let opt_string = |r: &mut Reader<'_>| -> DResult<Option<String>> {
+        let opt_string = |r: &mut Reader<'a>| -> DResult<Option<Cow<'a, str>>> {
             if r.is_nil()? {
                 Ok(None)
             } else {
@@ -538,14 +541,14 @@ fn msgpack_fields(body: &Bytes) -> DResult<Fields> {
     Ok(f)
 }
 
-fn json_fields(body: &[u8]) -> DResult<Fields> {
+fn json_fields(body: &[u8]) -> DResult<Fields<'static>> {
     use serde_json::Value as J;
     let map: serde_json::Map<String, J> = serde_json::from_slice(body)
         .map_err(|e| DecodeError::bad(format!("invalid JSON body: {e}")))?;
     let mut f = Fields::default();
     for (key, v) in map {
         let string = |v: J| match v {
-            J::String(s) => Ok(s),
+            J::String(s) => Ok(Cow::Owned(s)),
             _ => Err(wrong(&key, "a string")),
         };
         let raw = |v: &J| {
@@ -587,32 +590,33 @@ fn json_fields(body: &[u8]) -> DResult<Fields> {
     Ok(f)
 }
 
-impl Fields {
-    fn into_message(self) -> Result<Message, DecodeError> {
+impl Fields<'_> {
+    fn into_message(mut self) -> Result<Message, DecodeError> {
+        let ty = self.ty.take();
+        // Cheap on the success path: integer ids are copied, string ids are rare.
         let request_id = self.request_id.clone();
-        let message_type = self.ty.clone();
-        self.build().map_err(|mut e| {
+        self.build(ty.as_deref()).map_err(|mut e| {
             e.request_id = request_id;
-            e.message_type = message_type;
+            e.message_type = ty.map(Cow::into_owned);
             e
         })
     }
 
-    fn build(self) -> Result<Message, DecodeError> {
+    fn build(self, ty: Option<&str>) -> Result<Message, DecodeError> {
         fn need<T>(v: Option<T>, ty: &str, key: &str) -> DResult<T> {
             v.ok_or_else(|| DecodeError::bad(format!("`{ty}` message lacks `{key}`")))
         }
-        let ty = self
-            .ty
-            .ok_or_else(|| DecodeError::bad("message lacks `type`"))?;
-        let t = ty.as_str();
+        fn owned(v: Option<Cow<'_, str>>) -> Option<String> {
+            v.map(Cow::into_owned)
+        }
+        let t = ty.ok_or_else(|| DecodeError::bad("message lacks `type`"))?;
         let status = |s: Option<u64>| -> DResult<u16> {
             u16::try_from(need(s, t, "status")?)
                 .map_err(|_| DecodeError::bad("`status` is out of range"))
         };
         Ok(match t {
             "rpc_call" => Message::RpcCall {
-                function_name: need(self.function_name, t, "function_name")?,
+                function_name: need(owned(self.function_name), t, "function_name")?,
                 params: self.params.unwrap_or_else(Payload::nil),
                 request_id: need(self.request_id, t, "request_id")?,
             },
@@ -622,26 +626,26 @@ impl Fields {
             },
             "rpc_error" => Message::RpcError {
                 request_id: need(self.request_id, t, "request_id")?,
-                error: need(self.error, t, "error")?,
-                error_type: self.error_type.unwrap_or_else(|| "Internal".to_owned()),
+                error: need(owned(self.error), t, "error")?,
+                error_type: owned(self.error_type).unwrap_or_else(|| "Internal".to_owned()),
             },
             "invoke_handler" => Message::InvokeHandler {
-                handler_id: need(self.handler_id, t, "handler_id")?,
+                handler_id: need(owned(self.handler_id), t, "handler_id")?,
                 request: need(self.request, t, "request")?,
                 request_id: self.request_id,
             },
             "handler_response" => Message::HandlerResponse {
-                handler_id: need(self.handler_id, t, "handler_id")?,
+                handler_id: need(owned(self.handler_id), t, "handler_id")?,
                 status: status(self.status)?,
                 headers: self.headers.unwrap_or_else(Payload::nil),
                 body: self.body.unwrap_or_else(Payload::nil),
                 request_id: self.request_id,
             },
             "error" => Message::Error {
-                code: need(self.code, t, "code")?,
-                message: self.message.unwrap_or_default(),
+                code: need(owned(self.code), t, "code")?,
+                message: owned(self.message).unwrap_or_default(),
                 status: self.status.map_or(Ok(500), |s| status(Some(s)))?,
-                digest: self.digest,
+                digest: owned(self.digest),
                 request_id: self.request_id,
             },
             "health_check" => Message::HealthCheck,

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::ErrorType;
@@ -160,8 +161,8 @@ type RouteFn = dyn Fn(Context, Payload) -> BoxFuture<Result<HttpResponse, Reject
 /// A table of functions and route handlers. Cheap to clone; build it before serving.
 #[derive(Clone, Default)]
 pub struct Router {
-    functions: HashMap<String, Arc<CallFn>>,
-    routes: HashMap<String, Arc<RouteFn>>,
+    functions: FxHashMap<String, Arc<CallFn>>,
+    routes: FxHashMap<String, Arc<RouteFn>>,
 }
 
 fn decode_params<P: DeserializeOwned>(params: &Payload) -> Result<P, Rejection> {
