@@ -342,7 +342,7 @@ async fn read_loop(shared: Arc<Shared>) {
         if let Err(e) = ready {
             break format!("read failed: {e}");
         }
-        let n = match shared.stream.try_read(&mut buf) {
+        let n = match read_drained(&shared.stream, &mut buf) {
             Ok(0) => {
                 let mid = shared.state.lock().engine.buffered_input() > 0;
                 break if mid {
@@ -362,6 +362,27 @@ async fn read_loop(shared: Arc<Shared>) {
         }
     };
     finish(&shared, Some(lost));
+}
+
+/// Reads what the socket holds. A read that does not fill `buf` has drained the socket, so
+/// the stream's readiness is cleared right away instead of by one more read that would
+/// fail with `WouldBlock` (a system call per read saved). The readiness snapshot is taken
+/// before the read, so data arriving after it is never missed.
+fn read_drained(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::{ErrorKind, Read};
+    let mut short = 0;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(stream)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = n;
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Err(e) if e.kind() == ErrorKind::WouldBlock && short > 0 => Ok(short),
+        r => r,
+    }
 }
 
 /// Feeds bytes to the engine and acts on its events. Returns a reason when the connection
