@@ -19,6 +19,15 @@ const packr = new Packr({
   variableMapSize: true,
   int64AsType: 'auto', // integers beyond 2^53 come back as BigInt
 })
+// The results of one read arrive in SCRATCH when they fit (one Buffer for every connection:
+// each delivery is unpacked before the next can start), unpacked with binaries copied out of it.
+const SCRATCH = Buffer.allocUnsafeSlow(64 * 1024)
+const scratchUnpackr = new Packr({
+  useRecords: false,
+  mapsAsObjects: true,
+  int64AsType: 'auto',
+  copyBuffers: true,
+})
 const NIL = Buffer.from([0xc0])
 const pack = (value) => (value === undefined ? NIL : packr.pack(value))
 const unpack = (buffer) => packr.unpack(buffer)
@@ -79,10 +88,11 @@ class RpcConnection {
     // Pending calls by id: Rust owns ids, matching and deadlines; JS keeps the resolvers.
     const pending = new Map()
     this._pending = pending
-    // All answers of one read arrive in one buffer: id, result, id, result, ... It is unpacked
-    // whole before any call settles, so if unpacking throws, Rust can retry call by call.
-    const deliver = (buffer) => {
-      const values = packr.unpackMultiple(buffer)
+    // All answers of one read arrive as one array [id, result, id, result, ...], in the first
+    // `len` bytes of SCRATCH or in a Buffer of its own. It is unpacked whole before any call
+    // settles, so if unpacking throws, Rust can retry call by call.
+    const deliver = (len, buffer) => {
+      const values = buffer === undefined ? scratchUnpackr.unpack(SCRATCH, len) : packr.unpack(buffer)
       for (let i = 0; i < values.length; i += 2) {
         const call = pending.get(values[i])
         if (call !== undefined) {
@@ -98,7 +108,7 @@ class RpcConnection {
         call.reject(err)
       }
     }
-    this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError)
+    this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError, SCRATCH)
     // The per-call entry point, without napi-rs's method overhead (see src/fast.rs).
     this._handle = this._native.fastHandle()
     this._onSocket = (kind, arg) => {

@@ -164,40 +164,47 @@ test('whole numbers beyond 32 bits leave Node as MessagePack integers, fractions
   await c.close()
 })
 
-test('a result msgpackr cannot unpack fails only its own call, with ERR_FERRY_DECODE', async (t) => {
-  const { dir, cleanup } = tempDir()
-  t.teardown(cleanup)
-  const path = join(dir, 'ext.sock')
-  const frame = (body: Buffer) => Buffer.concat([Buffer.from([0, 0, 0, 0].map((_, i) => (body.length >> (8 * (3 - i))) & 0xff)), body])
-  const response = (id: number, result: Buffer) =>
-    frame(Buffer.concat([Buffer.from([0x83]), pack('type'), pack('rpc_response'), pack('request_id'), pack(id), pack('result'), result]))
-  const sockets: Socket[] = []
-  const peer = createServer((s) => {
-    sockets.push(s)
-    let buf = Buffer.alloc(0)
-    let calls = 0
-    s.on('data', (d) => {
-      buf = Buffer.concat([buf, d])
-      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
-        buf = buf.subarray(4 + buf.readUInt32BE(0))
-        if (++calls === 2) {
-          // Both answers in one write, so they arrive in one read: an unknown extension type
-          // (5) for call 1, a plain value for call 2.
-          s.write(Buffer.concat([response(1, Buffer.from([0xd4, 0x05, 0x00])), response(2, pack('fine'))]))
+// Both ways a read's results reach JS: copied into the shared scratch Buffer (small), or handed
+// over as a Buffer of their own (more than 64 KiB).
+for (const [size, second] of [
+  ['small', 'fine'],
+  ['large', Buffer.alloc(100_000, 7)],
+] as const) {
+  test(`a result msgpackr cannot unpack fails only its own call, with ERR_FERRY_DECODE (${size} read)`, async (t) => {
+    const { dir, cleanup } = tempDir()
+    t.teardown(cleanup)
+    const path = join(dir, 'ext.sock')
+    const frame = (body: Buffer) => Buffer.concat([Buffer.from([0, 0, 0, 0].map((_, i) => (body.length >> (8 * (3 - i))) & 0xff)), body])
+    const response = (id: number, result: Buffer) =>
+      frame(Buffer.concat([Buffer.from([0x83]), pack('type'), pack('rpc_response'), pack('request_id'), pack(id), pack('result'), result]))
+    const sockets: Socket[] = []
+    const peer = createServer((s) => {
+      sockets.push(s)
+      let buf = Buffer.alloc(0)
+      let calls = 0
+      s.on('data', (d) => {
+        buf = Buffer.concat([buf, d])
+        while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
+          buf = buf.subarray(4 + buf.readUInt32BE(0))
+          if (++calls === 2) {
+            // Both answers in one write, so they arrive in one read: an unknown extension type
+            // (5) for call 1, a plain value for call 2.
+            s.write(Buffer.concat([response(1, Buffer.from([0xd4, 0x05, 0x00])), response(2, pack(second))]))
+          }
         }
-      }
+      })
     })
+    await new Promise<void>((r) => peer.listen(path, r))
+    t.teardown(() => {
+      sockets.forEach((s) => s.destroy())
+      peer.close()
+    })
+    const c = await RpcClient.connect(path)
+    const odd = c.call('odd')
+    const ok = c.call('ok')
+    t.is((await t.throwsAsync(odd, { instanceOf: RpcError }))!.code, 'ERR_FERRY_DECODE')
+    t.deepEqual(await ok, second)
+    t.is(c.pendingCalls, 0)
+    await c.close()
   })
-  await new Promise<void>((r) => peer.listen(path, r))
-  t.teardown(() => {
-    sockets.forEach((s) => s.destroy())
-    peer.close()
-  })
-  const c = await RpcClient.connect(path)
-  const odd = c.call('odd')
-  const ok = c.call('ok')
-  t.is((await t.throwsAsync(odd, { instanceOf: RpcError }))!.code, 'ERR_FERRY_DECODE')
-  t.is(await ok, 'fine')
-  t.is(c.pendingCalls, 0)
-  await c.close()
-})
+}

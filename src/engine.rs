@@ -38,6 +38,9 @@ const READ_BUDGET: usize = 4 << 20;
 const INCOMING_CALL: u32 = 0;
 const INCOMING_INVOKE: u32 = 1;
 
+/// The array32 header at the start of a results batch.
+const BATCH_HEADER: usize = 5;
+
 /// Bits of the status returned by `process`.
 const STATUS_INCOMING: u32 = 1;
 const STATUS_FATAL: u32 = 2;
@@ -62,8 +65,14 @@ pub struct NativeEngine {
     hooks: Option<Hooks>,
     /// The peer's calls decoded by `process`, handed to JS after each read.
     incoming: Vec<Incoming>,
-    /// The results of one read as `[id, value, ...]`, for one `deliver` call.
+    /// The results of one read as the MessagePack array `[id, value, ...]`, for one `deliver`
+    /// call.
     batch: Vec<u8>,
+    /// Each result's call id and where its pair ends in `batch`.
+    items: Vec<(u64, usize)>,
+    /// The wrapper's scratch Buffer: batches that fit are copied there instead of into a new
+    /// Buffer per read.
+    scratch: Option<Buffer>,
     /// The peer's calls being served by JS handlers, by the token JS answers with.
     calls: Slab<RequestId>,
     invokes: Slab<InvokeReply>,
@@ -85,8 +94,10 @@ fn bad_arg(msg: impl Into<String>) -> napi::Error {
 impl NativeEngine {
     /// Creates an engine. `maxFrameBytes`: the largest frame sent or accepted (0 means the
     /// default, 16 MiB). `sendCancel`: tell the peer when a call times out or is cancelled.
-    /// Hooks: `deliver(buffer)` gets the answered calls of one read as consecutive
-    /// MessagePack values `id, result, id, result, ...`; `fail(id, error)` gets a call that
+    /// Hooks: `deliver(len, buffer)` gets the answered calls of one read as one MessagePack
+    /// array `[id, result, id, result, ...]`, in the first `len` bytes of `scratch` when
+    /// `buffer` is undefined (unpack it with copied binaries: `scratch` is reused), else in
+    /// `buffer`, which is its own; `fail(id, error)` gets a call that
     /// failed (remote error, timeout, connection loss); `makeError(code, message, errorType)`
     /// builds the errors.
     #[napi(constructor)]
@@ -97,6 +108,7 @@ impl NativeEngine {
         deliver: Function,
         fail: Function,
         make_error: Function,
+        scratch: Buffer,
     ) -> Result<Self> {
         let max_frame = if max_frame_bytes == 0 {
             ferry_core::frame::DEFAULT_MAX_FRAME
@@ -116,6 +128,8 @@ impl NativeEngine {
             }),
             incoming: Vec::new(),
             batch: Vec::new(),
+            items: Vec::new(),
+            scratch: Some(scratch),
             calls: Slab::new(),
             invokes: Slab::new(),
             spare: Vec::new(),
@@ -126,15 +140,42 @@ impl NativeEngine {
         })
     }
 
-    /// Hands `[id, result, ...]` to the `deliver` hook; false when the hook threw (it settles
-    /// nothing then: it unpacks the whole buffer before resolving any call).
-    fn deliver(&self, env: sys::napi_env, pairs: &[u8]) -> bool {
-        let Some(hooks) = &self.hooks else {
-            return true;
+    /// Calls the `deliver` hook; false when it threw (it settles nothing then: it unpacks the
+    /// whole array before resolving any call).
+    fn call_deliver(&self, env: sys::napi_env, args: [sys::napi_value; 2]) -> bool {
+        match &self.hooks {
+            Some(hooks) => hooks.deliver.call(env, &args).is_ok(),
+            None => true,
+        }
+    }
+
+    /// Hands one MessagePack array `[id, result, ...]` to the `deliver` hook, through the
+    /// scratch Buffer when it fits, else in a new Buffer.
+    fn deliver_bytes(&mut self, env: sys::napi_env, bytes: &[u8]) -> bool {
+        let args = match self.scratch.as_mut() {
+            Some(scratch) if bytes.len() <= scratch.len() => {
+                scratch[..bytes.len()].copy_from_slice(bytes);
+                raw::uint(env, bytes.len() as u32).map(|len| [len, raw::undefined(env)])
+            }
+            _ => raw::buffer_copy(env, bytes).map(|b| [raw::undefined(env), b]),
         };
-        match raw::buffer_copy(env, pairs) {
-            Ok(buf) => hooks.deliver.call(env, &[buf]).is_ok(),
-            Err(_) => false,
+        args.is_ok_and(|args| self.call_deliver(env, args))
+    }
+
+    /// After a batch was refused: delivers each `[id, result]` on its own and fails the calls
+    /// whose result JS cannot unpack. `items` holds each pair's end in `batch`.
+    fn deliver_each(&mut self, env: sys::napi_env, batch: &[u8], items: &[(u64, usize)]) {
+        let mut start = BATCH_HEADER;
+        let mut one = Vec::new();
+        for &(id, end) in items {
+            one.clear();
+            one.push(0x92);
+            one.extend_from_slice(&batch[start..end]);
+            if !self.deliver_bytes(env, &one) {
+                let e = CoreError::Decode("the result could not be unpacked in JavaScript".into());
+                self.fail(env, id, &e);
+            }
+            start = end;
         }
     }
 
@@ -246,8 +287,10 @@ impl NativeEngine {
     fn process(&mut self, raw_env: sys::napi_env) -> u32 {
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
-        // Each answered call's id and where its `[id, result]` pair ends in `batch`.
-        let mut items: Vec<(u64, usize)> = Vec::new();
+        // An array32 header, its count filled in once known.
+        batch.extend_from_slice(&[0xdd, 0, 0, 0, 0][..BATCH_HEADER]);
+        let mut items = std::mem::take(&mut self.items);
+        items.clear();
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Settled {
@@ -281,22 +324,40 @@ impl NativeEngine {
                 }
             }
         }
-        if !items.is_empty() && !self.deliver(raw_env, &batch) {
-            // msgpackr refused the batch (an extension type it does not know, say): deliver
-            // call by call, so only the calls whose results it cannot unpack fail.
-            let mut start = 0;
-            for (id, end) in items {
-                if !self.deliver(raw_env, &batch[start..end]) {
-                    let e =
-                        CoreError::Decode("the result could not be unpacked in JavaScript".into());
-                    self.fail(raw_env, id, &e);
+        if !items.is_empty() {
+            let count = (2 * items.len()) as u32;
+            batch[1..BATCH_HEADER].copy_from_slice(&count.to_be_bytes());
+            let fits = self.scratch.as_ref().is_some_and(|s| batch.len() <= s.len());
+            if fits {
+                if !self.deliver_bytes(raw_env, &batch) {
+                    // msgpackr refused the batch (an extension type it does not know, say):
+                    // deliver call by call, so only the calls it cannot unpack fail.
+                    self.deliver_each(raw_env, &batch, &items);
                 }
-                start = end;
+            } else {
+                // Too big for the scratch Buffer: handed over whole, without a copy. Its bytes
+                // stay readable through the Buffer (alive in this handle scope) for a retry.
+                match raw::buffer_from_vec(raw_env, std::mem::take(&mut batch)) {
+                    Ok((buf, ptr, len)) => {
+                        if !self.call_deliver(raw_env, [raw::undefined(raw_env), buf]) {
+                            // SAFETY: the Buffer owning these bytes is alive in this scope.
+                            let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+                            self.deliver_each(raw_env, bytes, &items);
+                        }
+                    }
+                    Err(_) => {
+                        let e = CoreError::Decode("out of memory for the results".into());
+                        for &(id, _) in &items {
+                            self.fail(raw_env, id, &e);
+                        }
+                    }
+                }
             }
         }
         if batch.capacity() > 1 << 20 {
             batch = Vec::new();
         }
+        self.items = items;
         self.batch = batch;
         self.status()
     }

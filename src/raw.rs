@@ -1,6 +1,7 @@
 //! Raw N-API helpers: persistent function references, buffers, numbers, strings.
 //! Everything here runs on the JS thread that owns the `napi_env`.
 
+use std::ffi::c_void;
 use std::ptr;
 
 use napi::bindgen_prelude::*;
@@ -79,6 +80,37 @@ pub fn buffer_copy(env: sys::napi_env, data: &[u8]) -> Result<sys::napi_value> {
         "napi_create_buffer_copy",
     )?;
     Ok(out)
+}
+
+unsafe extern "C" fn free_vec(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
+    drop(Box::from_raw(hint as *mut Vec<u8>));
+}
+
+/// A Buffer over `v`'s bytes without copying them (freed when the Buffer is collected), or a
+/// copy where external buffers are not allowed. Also returns where the bytes are.
+pub fn buffer_from_vec(
+    env: sys::napi_env,
+    v: Vec<u8>,
+) -> Result<(sys::napi_value, *const u8, usize)> {
+    let len = v.len();
+    let boxed = Box::new(v);
+    let data = boxed.as_ptr() as *mut c_void;
+    let hint = Box::into_raw(boxed);
+    let mut out = ptr::null_mut();
+    let status = unsafe {
+        sys::napi_create_external_buffer(env, len, data, Some(free_vec), hint.cast(), &mut out)
+    };
+    if status == sys::Status::napi_ok {
+        return Ok((out, data as *const u8, len));
+    }
+    // SAFETY: not handed over: still ours.
+    let v = unsafe { Box::from_raw(hint) };
+    let mut dst = ptr::null_mut();
+    check(
+        unsafe { sys::napi_create_buffer_copy(env, len, v.as_ptr().cast(), &mut dst, &mut out) },
+        "napi_create_buffer_copy",
+    )?;
+    Ok((out, dst as *const u8, len))
 }
 
 pub fn string(env: sys::napi_env, s: &str) -> Result<sys::napi_value> {
