@@ -327,7 +327,10 @@ impl NativeEngine {
         if !items.is_empty() {
             let count = (2 * items.len()) as u32;
             batch[1..BATCH_HEADER].copy_from_slice(&count.to_be_bytes());
-            let fits = self.scratch.as_ref().is_some_and(|s| batch.len() <= s.len());
+            let fits = self
+                .scratch
+                .as_ref()
+                .is_some_and(|s| batch.len() <= s.len());
             if fits {
                 if !self.deliver_bytes(raw_env, &batch) {
                     // msgpackr refused the batch (an extension type it does not know, say):

@@ -120,7 +120,8 @@ fn router() -> Router {
         .sync_fn("sum_array", |p: Values| {
             Ok::<_, String>(number(p.values.iter().sum()))
         })
-        .raw_fn("echo", |_name, params| Ok(params))
+        // The params go back byte for byte, never decoded.
+        .payload_fn("echo", Ok::<_, String>)
         .sync_fn("get_benchmarks", |_: IgnoredAny| {
             Ok::<_, String>(Benchmarks {
                 runtime: "ferry-core",

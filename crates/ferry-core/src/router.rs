@@ -298,6 +298,27 @@ impl Router {
         self
     }
 
+    /// Registers a function over raw MessagePack: it gets the params exactly as received (one
+    /// validated value, sliced out of the frame without a copy) and returns its result
+    /// encoded, which is spliced into the answer as is. For proxies, caches and byte-heavy
+    /// functions that gain nothing from decoding; see [`Payload::decode`] and
+    /// [`Payload::encode`] to work with the bytes. `Err` is answered like [`Router::sync_fn`]'s.
+    pub fn payload_fn<E, F>(mut self, name: &str, f: F) -> Router
+    where
+        E: IntoRejection + Send + 'static,
+        F: Fn(Payload) -> Result<Payload, E> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.functions.insert(
+            name.to_owned(),
+            Arc::new(move |_ctx, params: Payload| {
+                let f = f.clone();
+                Box::pin(async move { f(params).map_err(IntoRejection::into_rejection) })
+            }),
+        );
+        self
+    }
+
     /// Registers a route handler for `invoke_handler` with this `handler_id`. Its request is
     /// decoded into `Req` (use [`HttpRequest`] for ZapJS's shape); a failed decode or an `Err`
     /// is answered with `error {code: HANDLER_EXECUTION_ERROR}`.

@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::{within, TestServer};
 use ferry_core::router::{Context, HttpRequest, HttpResponse, Value};
 use ferry_core::{
-    CallOptions, Connection, ConnectionConfig, EngineConfig, Error, ErrorType, Rejection, Router,
+    CallOptions, Connection, ConnectionConfig, EngineConfig, Error, ErrorType, Payload, Rejection,
+    Router,
 };
 use serde::{de::IgnoredAny, Deserialize};
 use serde_json::json;
@@ -83,6 +84,13 @@ fn worker_router() -> Router {
             ))
         })
         .raw_fn("raw_fail", |_name, _params| Err("raw failure".to_string()))
+        .payload_fn("payload_echo", Ok::<_, String>)
+        .payload_fn("payload_len", |p: Payload| {
+            if p.is_nil() {
+                return Err(Rejection::new(ErrorType::InvalidParams, "params required"));
+            }
+            Payload::encode(&p.as_bytes().len()).map_err(Rejection::handler)
+        })
         .sync_fn("unit", |_: ()| Ok::<_, String>("got unit"))
         .sync_fn("maybe_add", |p: Option<Pair>| {
             Ok::<_, String>(p.map(|p| number(p.a + p.b)))
@@ -223,6 +231,30 @@ async fn raw_functions_get_their_name_and_any_value() {
         assert_eq!(err.code(), "ERR_FERRY_HANDLER");
         assert_eq!(err.error_type(), Some("HandlerError"));
         assert_eq!(err.to_string(), "raw failure");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payload_functions_get_and_give_the_exact_bytes() {
+    within(async {
+        let (_server, conn) = start().await;
+        // 5 as `uint 64` and 1.0 as `float 64`: any decode and re-encode would shorten them.
+        let params = [
+            0x92, 0xcf, 0, 0, 0, 0, 0, 0, 0, 5, 0xcb, 0x3f, 0xf0, 0, 0, 0, 0, 0, 0,
+        ];
+        let result = conn
+            .call_raw("payload_echo", &params, CallOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(result.as_bytes(), &params[..]);
+
+        let len: usize = conn.call("payload_len", "abc").await.unwrap();
+        assert_eq!(len, 4, "fixstr marker + 3 bytes");
+        let err = conn.call::<_, usize>("payload_len", &()).await.unwrap_err();
+        assert_eq!(err.error_type(), Some("InvalidParams"));
+        assert_eq!(err.to_string(), "params required");
+        assert_serves(&conn).await;
     })
     .await
 }
