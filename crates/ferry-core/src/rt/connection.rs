@@ -334,6 +334,7 @@ fn try_flush(stream: &UnixStream, st: &mut State) -> std::io::Result<bool> {
 
 async fn read_loop(shared: Arc<Shared>) {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut scratch = Scratch::default();
     let lost = loop {
         let ready = tokio::select! {
             r = shared.stream.readable() => r,
@@ -357,7 +358,7 @@ async fn read_loop(shared: Arc<Shared>) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => break format!("read failed: {e}"),
         };
-        if let Some(fatal) = on_input(&shared, &buf[..n]) {
+        if let Some(fatal) = on_input(&shared, &buf[..n], &mut scratch) {
             break fatal;
         }
     };
@@ -387,9 +388,12 @@ fn read_drained(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Feeds bytes to the engine and acts on its events. Returns a reason when the connection
 /// must end.
-fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
-    let mut settled = Vec::new();
-    let mut calls = Vec::new();
+fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<String> {
+    let Scratch {
+        settled,
+        calls,
+        ran,
+    } = scratch;
     let mut fatal = None;
     {
         let mut st = shared.state.lock();
@@ -433,20 +437,17 @@ fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
             }
         }
     }
-    for (tx, r) in settled {
+    for (tx, r) in settled.drain(..) {
         let _ = tx.send(r);
     }
     // Handlers run without the state lock: one may call the peer back on this connection.
-    let ran: Vec<_> = calls
-        .into_iter()
-        .map(|(rid, name, params)| {
-            let outcome = run_call(shared, &rid, &name, params);
-            (rid, name, outcome)
-        })
-        .collect();
+    ran.extend(calls.drain(..).map(|(rid, name, params)| {
+        let outcome = run_call(shared, &rid, &name, params);
+        (rid, name, outcome)
+    }));
     let flushed = {
         let mut st = shared.state.lock();
-        for (rid, name, outcome) in ran {
+        for (rid, name, outcome) in ran.drain(..) {
             match outcome {
                 Ran::Done(outcome) => respond_call(&mut st.engine, &rid, &name, outcome),
                 Ran::Pending(fut, token) => spawn_call(shared, &mut st, rid, name, fut, token),
@@ -461,6 +462,14 @@ fn on_input(shared: &Arc<Shared>, data: &[u8]) -> Option<String> {
         Err(e) => return Some(format!("write failed: {e}")),
     }
     fatal
+}
+
+/// The per-read lists of [`on_input`], kept by the reader so that reads do not allocate them.
+#[derive(Default)]
+struct Scratch {
+    settled: Vec<(Reply, Result<Payload>)>,
+    calls: Vec<(RequestId, String, Payload)>,
+    ran: Vec<(RequestId, String, Ran)>,
 }
 
 type CallOutcome =
