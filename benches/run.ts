@@ -142,31 +142,34 @@ async function main() {
   try {
     for (const placement of PLACEMENTS) {
       results[placement] = {}
-      for (const peer of peers) {
-        results[placement][peer.id] = {}
-        const socket = join(dir, `${peer.id}.sock`)
-        for (const sc of SCENARIOS) {
-          // A fresh server for every run: no state (JIT, buffers, held calls) carries over.
-          let server: ChildProcess | null = null
-          try {
-            const runs: Record<string, number | string>[] = []
-            const repeat = !quick && peer.key && sc.id !== 'memory' ? 3 : 1
-            for (let i = 0; i < repeat; i++) {
+      for (const peer of peers) results[placement][peer.id] = {}
+      for (const sc of SCENARIOS) {
+        // The key peers' three runs of a scenario are interleaved (round 1: every peer, round
+        // 2: the key peers again, ...), so the ratios between them compare runs made minutes
+        // apart at most, not a quarter of an hour: the load of this shared machine drifts.
+        const runs = new Map<string, Record<string, number | string>[]>(peers.map((p) => [p.id, []]))
+        const repeats = (peer: Peer) => (!quick && peer.key && sc.id !== 'memory' ? 3 : 1)
+        for (let round = 0; round < 3; round++) {
+          for (const peer of peers) {
+            if (round >= repeats(peer)) continue
+            const socket = join(dir, `${peer.id}.sock`)
+            // A fresh server for every run: no state (JIT, buffers, held calls) carries over.
+            let server: ChildProcess | null = null
+            try {
               if (peer.server) server = await startServer(pin(placement, peer.server), socket)
-              runs.push(await runClient(pin(placement, peer.client), ['--socket', socket, ...sc.args], quick ? 30_000 : 120_000))
+              runs.get(peer.id)!.push(await runClient(pin(placement, peer.client), ['--socket', socket, ...sc.args], quick ? 30_000 : 120_000))
+            } catch (e) {
+              runs.get(peer.id)!.push({ error: String((e as Error).message).slice(0, 200) })
+            } finally {
               if (server) await stopServer(server)
-              server = null
             }
-            const r = median(runs, sc.metric)
-            results[placement][peer.id][sc.id] = r
-            const shown = r[sc.metric] ?? r.skipped ?? r.error
-            console.error(`${placement.padEnd(8)} ${peer.id.padEnd(14)} ${sc.id.padEnd(9)} ${typeof shown === 'number' ? fmt(shown) : shown}`)
-          } catch (e) {
-            results[placement][peer.id][sc.id] = { error: String((e as Error).message).slice(0, 200) }
-            console.error(`${placement.padEnd(8)} ${peer.id.padEnd(14)} ${sc.id.padEnd(9)} error: ${(e as Error).message}`)
-          } finally {
-            if (server) await stopServer(server)
           }
+        }
+        for (const peer of peers) {
+          const r = median(runs.get(peer.id)!, sc.metric)
+          results[placement][peer.id][sc.id] = r
+          const shown = r[sc.metric] ?? r.skipped ?? r.error
+          console.error(`${placement.padEnd(8)} ${peer.id.padEnd(14)} ${sc.id.padEnd(9)} ${typeof shown === 'number' ? fmt(shown) : shown}`)
         }
       }
     }
