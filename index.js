@@ -144,8 +144,14 @@ class RpcConnection {
    */
   _adopt(socket) {
     const fd = socket._handle?.fd
-    const errno = typeof fd === 'number' && fd >= 0 ? this._native.adopt(fd, this._onSocket) : -1
-    socket.destroy()
+    let errno = -1
+    try {
+      if (typeof fd === 'number' && fd >= 0) errno = this._native.adopt(fd, this._onSocket)
+    } catch {
+      // The engine could not take it (out of memory, say): the peer is just disconnected.
+    } finally {
+      socket.destroy()
+    }
     if (errno === 0) {
       this._socketOpen = true
       return true
@@ -263,7 +269,7 @@ class RpcConnection {
    * CLOSE_FLUSH_MS if the peer does not read.
    */
   _endSocket() {
-    if (!this._socketOpen) return
+    if (!this._socketOpen || this._closeTimer !== null) return
     if (this._native.endSocket()) {
       this._socketClosed()
       return

@@ -208,3 +208,36 @@ for (const [size, second] of [
     await c.close()
   })
 }
+
+test('answers that arrived before the peer reset the connection still settle their calls', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const path = join(dir, 'reset.sock')
+  const frame = (body: Buffer) => {
+    const head = Buffer.alloc(4)
+    head.writeUInt32BE(body.length)
+    return Buffer.concat([head, body])
+  }
+  let peerSocket: Socket | undefined
+  const connected = new Promise<void>((resolve) => {
+    // The peer never reads: closing with our calls unread makes the kernel reset the
+    // connection (ECONNRESET, reported by the poll as an error condition), not end it.
+    const peer = createServer({ pauseOnConnect: true }, (s) => {
+      peerSocket = s
+      resolve()
+    })
+    peer.listen(path)
+    t.teardown(() => peer.close())
+  })
+  const c = await RpcClient.connect(path)
+  await connected
+  const first = c.call('first')
+  const second = c.call('second')
+  // Two loop turns: the calls' frames have been written (once per turn, before the loop waits).
+  for (let i = 0; i < 2; i++) await new Promise((r) => setImmediate(r))
+  const answer = Buffer.concat([Buffer.from([0x83]), pack('type'), pack('rpc_response'), pack('request_id'), pack(1), pack('result'), pack('on time')])
+  peerSocket!.write(frame(answer), () => peerSocket!.destroy())
+  t.is(await first, 'on time')
+  t.is((await t.throwsAsync(second, { instanceOf: RpcError }))!.code, 'ERR_FERRY_CONNECTION_LOST')
+  t.true(c.closed)
+})

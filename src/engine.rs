@@ -379,36 +379,97 @@ impl NativeEngine {
     /// The peer's calls queued by `process`, as a flat array `[kind, token, name, params,
     /// ...]` (kind 0: rpc_call, 1: invoke_handler). JS answers each with its token.
     fn incoming_array(&mut self, raw_env: sys::napi_env) -> Result<sys::napi_value> {
-        let mut items: Vec<sys::napi_value> = Vec::with_capacity(self.incoming.len() * 4);
-        for item in std::mem::take(&mut self.incoming) {
-            match item {
-                Incoming::Call(request_id, function_name, params) => {
-                    // Build every JS value first: a failure must not leave a token behind.
-                    let kind = raw::uint(raw_env, INCOMING_CALL)?;
-                    let name = raw::string(raw_env, &function_name)?;
-                    let params = raw::buffer_copy(raw_env, params.as_bytes())?;
-                    let token = raw::uint(raw_env, self.calls.vacant_key() as u32)?;
-                    self.calls.insert(request_id);
-                    items.extend([kind, token, name, params]);
+        let incoming = std::mem::take(&mut self.incoming);
+        let mut items: Vec<sys::napi_value> = Vec::with_capacity(incoming.len() * 4);
+        // The tokens handed out so far (true: a call, false: an invocation), to take back if a
+        // later value cannot be made: the whole read is then refused, never half-delivered.
+        let mut tokens: Vec<(bool, usize)> = Vec::with_capacity(incoming.len());
+        let mut failed = None;
+        let mut rest = incoming.into_iter();
+        for item in rest.by_ref() {
+            let made = match &item {
+                Incoming::Call(_, function_name, params) => (|| {
+                    Ok([
+                        raw::uint(raw_env, INCOMING_CALL)?,
+                        raw::uint(raw_env, self.calls.vacant_key() as u32)?,
+                        raw::string(raw_env, function_name)?,
+                        raw::buffer_copy(raw_env, params.as_bytes())?,
+                    ])
+                })(),
+                Incoming::Invoke(reply, request) => (|| {
+                    Ok([
+                        raw::uint(raw_env, INCOMING_INVOKE)?,
+                        raw::uint(raw_env, self.invokes.vacant_key() as u32)?,
+                        raw::string(raw_env, reply.handler_id())?,
+                        raw::buffer_copy(raw_env, request.as_bytes())?,
+                    ])
+                })(),
+            };
+            match made {
+                Ok(values) => {
+                    items.extend(values);
+                    match item {
+                        Incoming::Call(request_id, _, _) => {
+                            tokens.push((true, self.calls.insert(request_id)))
+                        }
+                        Incoming::Invoke(reply, _) => {
+                            tokens.push((false, self.invokes.insert(reply)))
+                        }
+                    }
                 }
-                Incoming::Invoke(reply, request) => {
-                    let kind = raw::uint(raw_env, INCOMING_INVOKE)?;
-                    let handler = raw::string(raw_env, reply.handler_id())?;
-                    let request = raw::buffer_copy(raw_env, request.as_bytes())?;
-                    let token = raw::uint(raw_env, self.invokes.vacant_key() as u32)?;
-                    self.invokes.insert(reply);
-                    items.extend([kind, token, handler, request]);
+                Err(e) => {
+                    self.refuse(item);
+                    failed = Some(e);
+                    break;
                 }
             }
         }
+        let array = match failed {
+            Some(e) => Err(e),
+            None => Self::make_array(raw_env, &items),
+        };
+        if array.is_err() {
+            for item in rest {
+                self.refuse(item);
+            }
+            for (is_call, key) in tokens {
+                if is_call {
+                    let id = self.calls.remove(key);
+                    self.refuse(Incoming::Call(id, String::new(), Payload::nil()));
+                } else {
+                    let reply = self.invokes.remove(key);
+                    self.refuse(Incoming::Invoke(reply, Payload::nil()));
+                }
+            }
+        }
+        array
+    }
+
+    /// Answers a call of the peer that could not be handed to JS (out of memory in V8).
+    fn refuse(&mut self, item: Incoming) {
+        const WHY: &str = "the call could not be handed to JavaScript";
+        match item {
+            Incoming::Call(id, _, _) => self.engine.respond(&id, Err((WHY, &ErrorType::Internal))),
+            Incoming::Invoke(reply, _) => self.engine.respond_invoke(
+                reply,
+                InvokeOutcome::Error {
+                    code: ferry_core::message::codes::HANDLER_EXECUTION_ERROR,
+                    message: WHY,
+                    status: 500,
+                },
+            ),
+        }
+    }
+
+    fn make_array(raw_env: sys::napi_env, items: &[sys::napi_value]) -> Result<sys::napi_value> {
         let mut array = std::ptr::null_mut();
         raw::check(
             unsafe { sys::napi_create_array_with_length(raw_env, items.len(), &mut array) },
             "create array",
         )?;
-        for (i, v) in items.into_iter().enumerate() {
+        for (i, v) in items.iter().enumerate() {
             raw::check(
-                unsafe { sys::napi_set_element(raw_env, array, i as u32, v) },
+                unsafe { sys::napi_set_element(raw_env, array, i as u32, *v) },
                 "set element",
             )?;
         }
@@ -685,10 +746,23 @@ impl NativeEngine {
             if self.engine.has_output() {
                 s.arm::<NativeEngine>();
             }
+        }
+        self.update_ref();
+    }
+
+    /// Refs the poll handle exactly while something is pending: our calls, the peer's calls
+    /// being answered by JS, or bytes not yet written (a reply must not be lost because the
+    /// loop had nothing else to do), or while the user asked for `ref()`.
+    #[inline]
+    fn update_ref(&mut self) {
+        if let Some(s) = self.socket.as_mut() {
             let busy = self.user_ref
                 || self.engine.pending_len() != 0
                 || !self.calls.is_empty()
-                || !self.invokes.is_empty();
+                || !self.invokes.is_empty()
+                || self.engine.has_output()
+                || s.has_unwritten();
+            // An ending socket is held by the wrapper's close timer instead.
             s.set_ref(busy && !s.ending);
         }
     }
@@ -712,7 +786,9 @@ impl NativeEngine {
                 self.spare = out;
             }
         }
-        s.write_pending::<NativeEngine>()
+        let r = s.write_pending::<NativeEngine>();
+        self.update_ref();
+        r
     }
 
     fn close_socket(&mut self) {
@@ -784,19 +860,25 @@ impl NativeEngine {
     }
 }
 
-const EINPROGRESS: i32 = 115;
+const EINPROGRESS: i32 = libc::EINPROGRESS;
 
 fn errno_of(e: &std::io::Error) -> i32 {
     match e.raw_os_error() {
         Some(n) if n > 0 => n,
         _ => match e.kind() {
-            std::io::ErrorKind::WouldBlock => 11,
-            std::io::ErrorKind::NotFound => 2,
-            _ => 22, // EINVAL: a path too long or with a NUL
+            std::io::ErrorKind::WouldBlock => libc::EAGAIN,
+            std::io::ErrorKind::NotFound => libc::ENOENT,
+            // A path too long for a socket address, or with a NUL.
+            _ => libc::EINVAL,
         },
     }
 }
 
+// JS runs inside these callbacks (hooks, handlers, promise continuations) and may call back
+// into the engine at once (`fastCall`, `reply`, `close`...). So no `&mut NativeEngine` is held
+// across a call into JS here: each step re-borrows through the raw pointer. (`process` does hold
+// one while `deliver` and `fail` run: those hooks only settle promises, whose continuations run
+// later, when the callback scope closes.)
 impl Driver for NativeEngine {
     unsafe fn on_poll(this: *mut Self, status: std::ffi::c_int, events: std::ffi::c_int) {
         let Some(s) = (*this).socket.as_ref() else {
@@ -804,39 +886,42 @@ impl Driver for NativeEngine {
         };
         let scope = JsScope::open(s);
         let env = s.env;
-        if status < 0 {
-            let e = std::io::Error::from_raw_os_error(-status);
-            Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}"));
+        // libuv reports an error condition (the peer reset the connection, say) as a negative
+        // status, with the handle stopped. Bytes received before it still count: read first.
+        let failed = status < 0;
+        let failure = || {
+            let e = (*this)
+                .socket
+                .as_ref()
+                .and_then(|s| s.sock.take_error().ok().flatten())
+                .unwrap_or_else(|| std::io::Error::from_raw_os_error(-status));
+            format!("socket error: {e}")
+        };
+        if s.ending {
+            // Only writing is left; done when written, or when it cannot be.
+            let done = failed
+                || match (*this).flush_out() {
+                    Ok(()) => !(*this).socket.as_ref().is_some_and(|s| s.has_unwritten()),
+                    Err(_) => true,
+                };
+            if done {
+                Self::emit(this, SOCKET_CLOSED, None);
+                (*this).close_socket();
+            }
         } else {
-            if events & uv::UV_WRITABLE != 0 {
-                let result = (*this).flush_out();
-                let ending = (*this).socket.as_ref().is_some_and(|s| s.ending);
-                match result {
-                    Ok(())
-                        if ending
-                            && !(*this).socket.as_ref().is_some_and(|s| s.has_unwritten()) =>
-                    {
-                        Self::emit(this, SOCKET_CLOSED, None);
-                        (*this).close_socket();
-                    }
-                    Ok(()) => {}
-                    Err(_) if ending => {
-                        Self::emit(this, SOCKET_CLOSED, None);
-                        (*this).close_socket();
-                    }
-                    Err(e) => Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}")),
+            let mut lost = None;
+            if !failed && events & uv::UV_WRITABLE != 0 {
+                if let Err(e) = (*this).flush_out() {
+                    lost = Some(format!("socket error: {e}"));
                 }
             }
-            let reading = (*this).socket.as_ref().is_some_and(|s| !s.ending);
-            if reading && events & uv::UV_READABLE != 0 {
+            if failed || events & uv::UV_READABLE != 0 {
                 let (eof, err) = (*this).read_socket();
                 let bits = (*this).process(env);
                 if bits & STATUS_INCOMING != 0 {
-                    match (*this).incoming_array(env) {
-                        Ok(items) => Self::emit(this, SOCKET_INCOMING, Some(items)),
-                        Err(_) => {
-                            (*this).incoming.clear();
-                        }
+                    // On failure the calls were answered with an error instead.
+                    if let Ok(items) = (*this).incoming_array(env) {
+                        Self::emit(this, SOCKET_INCOMING, Some(items));
                     }
                 }
                 if bits & STATUS_FATAL != 0 {
@@ -845,11 +930,18 @@ impl Driver for NativeEngine {
                     }
                     let reason = (*this).fatal.clone().unwrap_or_default();
                     Self::emit_reason(this, SOCKET_FATAL, &reason);
-                } else if let Some(e) = err {
-                    Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}"));
-                } else if eof {
-                    Self::emit_reason(this, SOCKET_LOST, "peer closed the connection");
+                    lost = None;
+                } else if lost.is_none() {
+                    lost = match err {
+                        Some(e) => Some(format!("socket error: {e}")),
+                        None if eof => Some("peer closed the connection".to_string()),
+                        None if failed => Some(failure()),
+                        None => None,
+                    };
                 }
+            }
+            if let Some(reason) = lost {
+                Self::emit_reason(this, SOCKET_LOST, &reason);
             }
         }
         (*this).touched();
@@ -867,17 +959,20 @@ impl Driver for NativeEngine {
     }
 
     unsafe fn on_prepare(this: *mut Self) {
-        if let Err(e) = (*this).flush_out() {
-            let Some(s) = (*this).socket.as_ref() else {
-                return;
-            };
-            let ending = s.ending;
+        let written = (*this).flush_out();
+        let Some(s) = (*this).socket.as_ref() else {
+            return;
+        };
+        let ending_done = s.ending && (written.is_err() || !s.has_unwritten());
+        if written.is_err() || ending_done {
             let _scope = JsScope::open(s);
-            if ending {
-                Self::emit(this, SOCKET_CLOSED, None);
-                (*this).close_socket();
-            } else {
-                Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}"));
+            match written {
+                _ if ending_done => {
+                    Self::emit(this, SOCKET_CLOSED, None);
+                    (*this).close_socket();
+                }
+                Err(e) => Self::emit_reason(this, SOCKET_LOST, &format!("socket error: {e}")),
+                Ok(()) => {}
             }
         }
     }

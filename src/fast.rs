@@ -62,7 +62,8 @@ unsafe extern "C" fn fast_call(
     let mut data: *mut c_void = ptr::null_mut();
     sys::napi_get_value_external(env, argv[0], &mut data);
     // The wrapper keeps the NativeEngine object alive as long as it uses the handle, and no
-    // other method of the engine is running when JS calls this (hooks never call back in).
+    // borrow of the engine is live when JS runs (see the note on `impl Driver` in engine.rs):
+    // handlers run from `onSocket` may call this at once.
     let engine = &mut *(data as *mut NativeEngine);
 
     // The name: on the stack unless it is long.

@@ -103,7 +103,14 @@ pub fn buffer_from_vec(
     if status == sys::Status::napi_ok {
         return Ok((out, data as *const u8, len));
     }
-    // SAFETY: not handed over: still ours.
+    if status != sys::Status::napi_no_external_buffers_allowed {
+        // On some failures Node has already run the finalizer: leak rather than free twice.
+        return Err(Error::new(
+            Status::from(status),
+            "napi_create_external_buffer failed",
+        ));
+    }
+    // SAFETY: refused before being handed over (no finalizer ran): still ours.
     let v = unsafe { Box::from_raw(hint) };
     let mut dst = ptr::null_mut();
     check(

@@ -21,6 +21,13 @@ use socket2::Socket;
 use crate::raw::FnRef;
 use crate::uv;
 
+/// A write to a socket the peer closed fails with `EPIPE` instead of raising `SIGPIPE` (Node
+/// ignores the signal, an embedder might not).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SEND_FLAGS: c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SEND_FLAGS: c_int = 0;
+
 /// References released once libuv has closed the poll handle.
 struct Release {
     env: sys::napi_env,
@@ -256,7 +263,10 @@ impl NativeSocket {
     /// Writes `wbuf` until done or the socket is full (then waits to be writable).
     pub fn write_pending<D: Driver>(&mut self) -> io::Result<()> {
         while self.wpos < self.wbuf.len() {
-            match self.sock.send(&self.wbuf[self.wpos..]) {
+            match self
+                .sock
+                .send_with_flags(&self.wbuf[self.wpos..], SEND_FLAGS)
+            {
                 Ok(n) => self.wpos += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
