@@ -232,3 +232,18 @@ test('the worker shuts down gracefully on SIGTERM and removes its socket', async
   t.false(existsSync(w.socket))
   await c.close()
 })
+
+test('function names of every length around the 128-byte fast path arrive whole, multibyte characters included', async (t) => {
+  const c = await RpcClient.connect(worker.socket)
+  t.teardown(() => c.close())
+  for (let len = 118; len <= 134; len++) {
+    for (const tail of ['', '€', '😀']) {
+      const name = 'f'.repeat(len - Buffer.byteLength(tail)) + tail
+      const e = await t.throwsAsync(c.call(name, {}), { instanceOf: RpcError })
+      t.is(e!.code, 'ERR_FERRY_NOT_FOUND')
+      t.is(e!.message, `no function named \`${name}\``)
+    }
+  }
+  // And a real function still answers after all that.
+  t.is(await c.call('add', { a: 1, b: 2 }), 3)
+})

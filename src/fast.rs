@@ -66,29 +66,37 @@ unsafe extern "C" fn fast_call(
     // handlers run from `onSocket` may call this at once.
     let engine = &mut *(data as *mut NativeEngine);
 
-    // The name: on the stack unless it is long.
-    let mut len = 0usize;
-    if sys::napi_get_value_string_utf8(env, argv[1], ptr::null_mut(), 0, &mut len)
-        != sys::Status::napi_ok
+    // The name: copied onto the stack in one call. V8 never writes part of a character, so a
+    // copy that stopped within 4 bytes of the end may be cut short: only then is the name
+    // measured and copied again onto the heap.
+    let mut stack = [0u8; 128];
+    let mut copied = 0usize;
+    if sys::napi_get_value_string_utf8(
+        env,
+        argv[1],
+        stack.as_mut_ptr().cast(),
+        stack.len(),
+        &mut copied,
+    ) != sys::Status::napi_ok
     {
         return throw(env, "fastCall: name must be a string");
     }
-    let mut stack = [0u8; 128];
     let mut heap = Vec::new();
-    let buf: &mut [u8] = if len < stack.len() {
-        &mut stack[..]
+    let buf: &[u8] = if copied + 4 < stack.len() {
+        &stack[..]
     } else {
+        let mut len = 0usize;
+        sys::napi_get_value_string_utf8(env, argv[1], ptr::null_mut(), 0, &mut len);
         heap.resize(len + 1, 0);
-        &mut heap[..]
+        sys::napi_get_value_string_utf8(
+            env,
+            argv[1],
+            heap.as_mut_ptr().cast(),
+            heap.len(),
+            &mut copied,
+        );
+        &heap[..]
     };
-    let mut copied = 0usize;
-    sys::napi_get_value_string_utf8(
-        env,
-        argv[1],
-        buf.as_mut_ptr().cast(),
-        buf.len(),
-        &mut copied,
-    );
     let name = std::str::from_utf8_unchecked(&buf[..copied]);
 
     let mut params: *mut c_void = ptr::null_mut();
