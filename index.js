@@ -111,9 +111,13 @@ class RpcConnection {
     this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError, SCRATCH)
     // The per-call entry point, without napi-rs's method overhead (see src/fast.rs).
     this._handle = this._native.fastHandle()
-    this._onSocket = (kind, arg) => {
-      if (kind === SOCKET_INCOMING) this._dispatch(arg)
-      else if (kind === SOCKET_LOST) this._lost(arg)
+    this._onSocket = (kind, arg, buffer) => {
+      if (kind === SOCKET_INCOMING) {
+        // The peer's calls of one read as one array, in the first `arg` bytes of SCRATCH or in
+        // `buffer`: unpacked whole before any handler runs, so if unpacking throws, Rust can
+        // hand the calls over one by one and refuse only those that do not unpack.
+        this._dispatch(buffer === undefined ? scratchUnpackr.unpack(SCRATCH, arg) : packr.unpack(buffer))
+      } else if (kind === SOCKET_LOST) this._lost(arg)
       else if (kind === SOCKET_FATAL) {
         this._finish(arg)
         this._endSocket()
@@ -318,7 +322,7 @@ class RpcConnection {
     this._server?._drained?.()
   }
 
-  /** The peer's calls of one read: `[kind, token, name, params, ...]`. */
+  /** The peer's calls of one read: `[kind, token, name, params, ...]`, params unpacked. */
   _dispatch(incoming) {
     for (let i = 0; i < incoming.length; i += 4) {
       if (incoming[i] === 0) this._runCall(incoming[i + 1], incoming[i + 2], incoming[i + 3])
@@ -330,18 +334,11 @@ class RpcConnection {
     return { connection: this, token: requestToken }
   }
 
-  _runCall(token, name, paramsBuffer) {
+  _runCall(token, name, params) {
     if (this._closed) return
     const handler = this._handlers.get(name) ?? this._server?._handlers.get(name)
     if (handler === undefined) {
       this._native.replyError(token, `no function named \`${name}\``, 'NotFound')
-      return
-    }
-    let params
-    try {
-      params = unpack(paramsBuffer)
-    } catch (e) {
-      this._native.replyError(token, `params could not be decoded: ${handlerErrorMessage(e)}`, 'InvalidParams')
       return
     }
     let result
@@ -382,7 +379,7 @@ class RpcConnection {
     this._afterSettle()
   }
 
-  _runRoute(token, handlerId, requestBuffer) {
+  _runRoute(token, handlerId, request) {
     if (this._closed) return
     const handler = this._routes.get(handlerId) ?? this._server?._routes.get(handlerId)
     if (handler === undefined) {
@@ -390,7 +387,7 @@ class RpcConnection {
       return
     }
     Promise.resolve()
-      .then(() => handler(unpack(requestBuffer), this._context(token)))
+      .then(() => handler(request, this._context(token)))
       .then(
         (response) => {
           if (this._closed) return

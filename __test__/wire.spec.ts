@@ -4,7 +4,7 @@
 import { join } from 'node:path'
 
 import test, { type ExecutionContext } from 'ava'
-import { encode } from '@msgpack/msgpack'
+import { ExtData, encode } from '@msgpack/msgpack'
 
 import { RpcServer } from '../index.js'
 import { startWorker, tempDir, type Worker } from './helpers'
@@ -355,3 +355,20 @@ test.serial('node: an invocation with an id is not held behind a slow id-less on
 async function untilFinished(name: string): Promise<void> {
   while (!finished.includes(name)) await new Promise((r) => setImmediate(r))
 }
+
+test('node: params msgpackr cannot unpack fail only their call, even in one read with good calls', async (t) => {
+  const ws = await connect(t, targets.node)
+  // An extension type (5) msgpackr does not know, between two good calls, in one write.
+  const odd = { type: 'rpc_call', function_name: 'add', params: new ExtData(5, new Uint8Array([0])), request_id: 'odd' }
+  ws.socket.write(Buffer.concat([frame(body(addCall('before'))), frame(body(odd)), frame(body(addCall('after')))]))
+  const answers = new Map<unknown, any>()
+  for (let i = 0; i < 3; i++) {
+    const f = await ws.next()
+    answers.set(f.msg.request_id, f.msg)
+  }
+  t.deepEqual(answers.get('before'), { type: 'rpc_response', request_id: 'before', result: 5 })
+  t.deepEqual(answers.get('after'), { type: 'rpc_response', request_id: 'after', result: 5 })
+  t.is(answers.get('odd').type, 'rpc_error')
+  t.is(answers.get('odd').error_type, 'InvalidParams')
+  t.regex(answers.get('odd').error, /params could not be decoded/)
+})

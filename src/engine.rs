@@ -34,7 +34,7 @@ const SOCKET_CLOSED: u32 = 3;
 /// How much one readable event reads at most before letting the loop go on.
 const READ_BUDGET: usize = 4 << 20;
 
-/// Kind tags of the items in the array returned by [`NativeEngine::take_incoming`].
+/// Kind tags of the calls in the batch made by [`NativeEngine::incoming_batch`].
 const INCOMING_CALL: u32 = 0;
 const INCOMING_INVOKE: u32 = 1;
 
@@ -152,14 +152,20 @@ impl NativeEngine {
     /// Hands one MessagePack array `[id, result, ...]` to the `deliver` hook, through the
     /// scratch Buffer when it fits, else in a new Buffer.
     fn deliver_bytes(&mut self, env: sys::napi_env, bytes: &[u8]) -> bool {
-        let args = match self.scratch.as_mut() {
+        self.bytes_args(env, bytes)
+            .is_ok_and(|args| self.call_deliver(env, args))
+    }
+
+    /// `[len, undefined]` with `bytes` copied into the scratch Buffer when they fit, else
+    /// `[undefined, buffer]` with a new Buffer: how MessagePack batches reach the wrapper.
+    fn bytes_args(&mut self, env: sys::napi_env, bytes: &[u8]) -> Result<[sys::napi_value; 2]> {
+        match self.scratch.as_mut() {
             Some(scratch) if bytes.len() <= scratch.len() => {
                 scratch[..bytes.len()].copy_from_slice(bytes);
                 raw::uint(env, bytes.len() as u32).map(|len| [len, raw::undefined(env)])
             }
             _ => raw::buffer_copy(env, bytes).map(|b| [raw::undefined(env), b]),
-        };
-        args.is_ok_and(|args| self.call_deliver(env, args))
+        }
     }
 
     /// After a batch was refused: delivers each `[id, result]` on its own and fails the calls
@@ -282,7 +288,7 @@ impl NativeEngine {
 
     /// Acts on the frames read so far: delivers the answered calls of this read in one
     /// `deliver` call, fails the failed ones, answers health checks and bad messages, and
-    /// queues the peer's calls for [`Self::incoming_array`]. Returns the status bits: 1 incoming
+    /// queues the peer's calls for [`Self::incoming_batch`]. Returns the status bits: 1 incoming
     /// calls queued, 2 fatal (the stream cannot be trusted; see `fatal`).
     fn process(&mut self, raw_env: sys::napi_env) -> u32 {
         let mut batch = std::mem::take(&mut self.batch);
@@ -376,104 +382,61 @@ impl NativeEngine {
         bits
     }
 
-    /// The peer's calls queued by `process`, as a flat array `[kind, token, name, params,
-    /// ...]` (kind 0: rpc_call, 1: invoke_handler). JS answers each with its token.
-    fn incoming_array(&mut self, raw_env: sys::napi_env) -> Result<sys::napi_value> {
+    /// The peer's calls queued by `process`, as one MessagePack array `[kind, token, name,
+    /// params, ...]` (kind 0: rpc_call, 1: invoke_handler; for an invocation, `name` is the
+    /// handler id and `params` the request), which the wrapper unpacks with one msgpackr call.
+    /// Also returns each call's token and where its four values end in the array. JS answers
+    /// each call with its token.
+    fn incoming_batch(&mut self) -> (Vec<u8>, Vec<(bool, usize, usize)>) {
         let incoming = std::mem::take(&mut self.incoming);
-        let mut items: Vec<sys::napi_value> = Vec::with_capacity(incoming.len() * 4);
-        // The tokens handed out so far (true: a call, false: an invocation), to take back if a
-        // later value cannot be made: the whole read is then refused, never half-delivered.
-        let mut tokens: Vec<(bool, usize)> = Vec::with_capacity(incoming.len());
-        let mut failed = None;
-        let mut rest = incoming.into_iter();
-        for item in rest.by_ref() {
-            let made = match &item {
-                Incoming::Call(_, function_name, params) => (|| {
-                    Ok([
-                        raw::uint(raw_env, INCOMING_CALL)?,
-                        raw::uint(raw_env, self.calls.vacant_key() as u32)?,
-                        raw::string(raw_env, function_name)?,
-                        raw::buffer_copy(raw_env, params.as_bytes())?,
-                    ])
-                })(),
-                Incoming::Invoke(reply, request) => (|| {
-                    Ok([
-                        raw::uint(raw_env, INCOMING_INVOKE)?,
-                        raw::uint(raw_env, self.invokes.vacant_key() as u32)?,
-                        raw::string(raw_env, reply.handler_id())?,
-                        raw::buffer_copy(raw_env, request.as_bytes())?,
-                    ])
-                })(),
+        let mut batch = Vec::with_capacity(BATCH_HEADER + 64 * incoming.len());
+        batch.extend_from_slice(&[0xdd, 0, 0, 0, 0][..BATCH_HEADER]);
+        let count = (4 * incoming.len()) as u32;
+        batch[1..BATCH_HEADER].copy_from_slice(&count.to_be_bytes());
+        let mut items = Vec::with_capacity(incoming.len());
+        for item in incoming {
+            let (is_call, token) = match item {
+                Incoming::Call(request_id, function_name, params) => {
+                    let token = self.calls.insert(request_id);
+                    rmp::encode::write_uint(&mut batch, INCOMING_CALL as u64).expect("Vec write");
+                    rmp::encode::write_uint(&mut batch, token as u64).expect("Vec write");
+                    rmp::encode::write_str(&mut batch, &function_name).expect("Vec write");
+                    batch.extend_from_slice(params.as_bytes());
+                    (true, token)
+                }
+                Incoming::Invoke(reply, request) => {
+                    let token = self.invokes.vacant_key();
+                    rmp::encode::write_uint(&mut batch, INCOMING_INVOKE as u64).expect("Vec write");
+                    rmp::encode::write_uint(&mut batch, token as u64).expect("Vec write");
+                    rmp::encode::write_str(&mut batch, reply.handler_id()).expect("Vec write");
+                    batch.extend_from_slice(request.as_bytes());
+                    (false, self.invokes.insert(reply))
+                }
             };
-            match made {
-                Ok(values) => {
-                    items.extend(values);
-                    match item {
-                        Incoming::Call(request_id, _, _) => {
-                            tokens.push((true, self.calls.insert(request_id)))
-                        }
-                        Incoming::Invoke(reply, _) => {
-                            tokens.push((false, self.invokes.insert(reply)))
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.refuse(item);
-                    failed = Some(e);
-                    break;
-                }
-            }
+            items.push((is_call, token, batch.len()));
         }
-        let array = match failed {
-            Some(e) => Err(e),
-            None => Self::make_array(raw_env, &items),
-        };
-        if array.is_err() {
-            for item in rest {
-                self.refuse(item);
-            }
-            for (is_call, key) in tokens {
-                if is_call {
-                    let id = self.calls.remove(key);
-                    self.refuse(Incoming::Call(id, String::new(), Payload::nil()));
-                } else {
-                    let reply = self.invokes.remove(key);
-                    self.refuse(Incoming::Invoke(reply, Payload::nil()));
-                }
-            }
-        }
-        array
+        (batch, items)
     }
 
-    /// Answers a call of the peer that could not be handed to JS (out of memory in V8).
-    fn refuse(&mut self, item: Incoming) {
-        const WHY: &str = "the call could not be handed to JavaScript";
-        match item {
-            Incoming::Call(id, _, _) => self.engine.respond(&id, Err((WHY, &ErrorType::Internal))),
-            Incoming::Invoke(reply, _) => self.engine.respond_invoke(
+    /// Answers a call of the peer that JS could not take (its params do not unpack in JS, or V8
+    /// is out of memory) and forgets its token.
+    fn refuse_token(&mut self, is_call: bool, token: usize) {
+        if is_call {
+            if let Some(id) = self.calls.try_remove(token) {
+                let why = "params could not be decoded in JavaScript";
+                self.engine
+                    .respond(&id, Err((why, &ErrorType::InvalidParams)));
+            }
+        } else if let Some(reply) = self.invokes.try_remove(token) {
+            self.engine.respond_invoke(
                 reply,
                 InvokeOutcome::Error {
                     code: ferry_core::message::codes::HANDLER_EXECUTION_ERROR,
-                    message: WHY,
+                    message: "the request could not be decoded in JavaScript",
                     status: 500,
                 },
-            ),
+            );
         }
-    }
-
-    fn make_array(raw_env: sys::napi_env, items: &[sys::napi_value]) -> Result<sys::napi_value> {
-        let mut array = std::ptr::null_mut();
-        raw::check(
-            unsafe { sys::napi_create_array_with_length(raw_env, items.len(), &mut array) },
-            "create array",
-        )?;
-        for (i, v) in items.iter().enumerate() {
-            raw::check(
-                unsafe { sys::napi_set_element(raw_env, array, i as u32, *v) },
-                "set element",
-            )?;
-        }
-        Ok(array)
     }
 
     /// Fails the calls whose deadline has passed with `ERR_FERRY_TIMEOUT` (through `fail`).
@@ -803,17 +766,59 @@ impl NativeEngine {
     /// # Safety
     /// `this` is live, on the JS thread, inside a [`JsScope`].
     unsafe fn emit(this: *mut NativeEngine, kind: u32, arg: Option<sys::napi_value>) {
-        let Some(s) = (*this).socket.as_ref() else {
+        let Some(env) = (*this).socket.as_ref().map(|s| s.env) else {
             return;
+        };
+        let arg = arg.unwrap_or_else(|| raw::undefined(env));
+        if let Err(exception) = Self::call_hook(this, kind, [arg, raw::undefined(env)]) {
+            // The wrapper's hook does not throw here; if it ever does, report it like any
+            // exception thrown from an I/O callback.
+            sys::napi_fatal_exception(env, exception);
+        }
+    }
+
+    /// Calls `onSocket(kind, a, b)`; the exception it threw, if any.
+    unsafe fn call_hook(
+        this: *mut NativeEngine,
+        kind: u32,
+        [a, b]: [sys::napi_value; 2],
+    ) -> std::result::Result<(), sys::napi_value> {
+        let Some(s) = (*this).socket.as_ref() else {
+            return Ok(());
         };
         let env = s.env;
         let hook = s.hook.clone_raw();
         let kind = raw::uint(env, kind).unwrap_or(std::ptr::null_mut());
-        let arg = arg.unwrap_or_else(|| raw::undefined(env));
-        if let Err(exception) = hook.call(env, &[kind, arg]) {
-            // The wrapper's hook does not throw; if it ever does, report it like any
-            // exception thrown from an I/O callback.
-            sys::napi_fatal_exception(env, exception);
+        hook.call(env, &[kind, a, b]).map(|_| ())
+    }
+
+    /// Hands the peer's calls of one read to JS as one MessagePack array (`onSocket(0, len)`
+    /// over the scratch Buffer, or `onSocket(0, undefined, buffer)`). If JS cannot unpack it
+    /// (the hook throws before any handler runs), each call is handed over on its own, and
+    /// the ones that still do not unpack are answered with an error.
+    unsafe fn hand_incoming(this: *mut NativeEngine, env: sys::napi_env) {
+        let (batch, items) = (*this).incoming_batch();
+        let taken = match (*this).bytes_args(env, &batch) {
+            Ok(args) => Self::call_hook(this, SOCKET_INCOMING, args).is_ok(),
+            Err(_) => false,
+        };
+        if taken {
+            return;
+        }
+        let mut start = BATCH_HEADER;
+        let mut one = Vec::new();
+        for (is_call, token, end) in items {
+            one.clear();
+            one.push(0x94);
+            one.extend_from_slice(&batch[start..end]);
+            start = end;
+            let taken = match (*this).bytes_args(env, &one) {
+                Ok(args) => Self::call_hook(this, SOCKET_INCOMING, args).is_ok(),
+                Err(_) => false,
+            };
+            if !taken {
+                (*this).refuse_token(is_call, token);
+            }
         }
     }
 
@@ -919,10 +924,7 @@ impl Driver for NativeEngine {
                 let (eof, err) = (*this).read_socket();
                 let bits = (*this).process(env);
                 if bits & STATUS_INCOMING != 0 {
-                    // On failure the calls were answered with an error instead.
-                    if let Ok(items) = (*this).incoming_array(env) {
-                        Self::emit(this, SOCKET_INCOMING, Some(items));
-                    }
+                    Self::hand_incoming(this, env);
                 }
                 if bits & STATUS_FATAL != 0 {
                     if let Some(s) = (*this).socket.as_mut() {
