@@ -116,7 +116,15 @@ class RpcConnection {
         // The peer's calls of one read as one array, in the first `arg` bytes of SCRATCH or in
         // `buffer`: unpacked whole before any handler runs, so if unpacking throws, Rust can
         // hand the calls over one by one and refuse only those that do not unpack.
-        this._dispatch(buffer === undefined ? scratchUnpackr.unpack(SCRATCH, arg) : packr.unpack(buffer))
+        const calls = buffer === undefined ? scratchUnpackr.unpack(SCRATCH, arg) : packr.unpack(buffer)
+        try {
+          this._dispatch(calls)
+        } catch (e) {
+          // Not an unpacking failure: must not make Rust hand the calls over again.
+          queueMicrotask(() => {
+            throw e
+          })
+        }
       } else if (kind === SOCKET_LOST) this._lost(arg)
       else if (kind === SOCKET_FATAL) {
         this._finish(arg)
