@@ -507,7 +507,13 @@ class RpcClient extends RpcConnection {
       if (signal?.aborted) {
         throw new RpcError(`connecting to ${socketPath} was aborted`, 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason })
       }
-      const errno = client._connect(socketPath)
+      let errno
+      try {
+        errno = client._connect(socketPath)
+      } catch (e) {
+        // The engine could not watch the socket (libuv or V8 out of resources).
+        throw new RpcError(`cannot connect to ${socketPath}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_CONNECT', undefined, { cause: e })
+      }
       if (errno === 0) return client
       {
         const err = connectError(errno, socketPath)
