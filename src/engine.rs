@@ -418,6 +418,20 @@ impl NativeEngine {
         (batch, items)
     }
 
+    /// The peer's call JS answers with `token`, no longer pending.
+    fn take_call(&mut self, token: u32) -> Result<RequestId> {
+        self.calls
+            .try_remove(token as usize)
+            .ok_or_else(|| bad_arg("unknown call token"))
+    }
+
+    /// The peer's invocation JS answers with `token`, no longer pending.
+    fn take_invoke(&mut self, token: u32) -> Result<InvokeReply> {
+        self.invokes
+            .try_remove(token as usize)
+            .ok_or_else(|| bad_arg("unknown invocation token"))
+    }
+
     /// Answers a call of the peer that JS could not take (its params do not unpack in JS, or V8
     /// is out of memory) and forgets its token.
     fn refuse_token(&mut self, is_call: bool, token: usize) {
@@ -474,10 +488,7 @@ impl NativeEngine {
     /// Answers the peer's call `token` with a MessagePack-encoded result.
     #[napi]
     pub fn reply(&mut self, token: u32, mut result: BufferSlice) -> Result<()> {
-        let id = self
-            .calls
-            .try_remove(token as usize)
-            .ok_or_else(|| bad_arg("unknown call token"))?;
+        let id = self.take_call(token)?;
         match normalize_whole_floats(&mut result) {
             Ok(()) => self.engine.respond(&id, Ok(&result)),
             Err(e) => {
@@ -492,10 +503,7 @@ impl NativeEngine {
     /// Answers the peer's call `token` with an `rpc_error`.
     #[napi]
     pub fn reply_error(&mut self, token: u32, message: String, error_type: String) -> Result<()> {
-        let id = self
-            .calls
-            .try_remove(token as usize)
-            .ok_or_else(|| bad_arg("unknown call token"))?;
+        let id = self.take_call(token)?;
         self.engine
             .respond(&id, Err((&message, &ErrorType::parse(&error_type))));
         self.touched();
@@ -512,10 +520,7 @@ impl NativeEngine {
         mut headers: BufferSlice,
         mut body: BufferSlice,
     ) -> Result<()> {
-        let reply = self
-            .invokes
-            .try_remove(token as usize)
-            .ok_or_else(|| bad_arg("unknown invocation token"))?;
+        let reply = self.take_invoke(token)?;
         let status = u16::try_from(status).unwrap_or(500);
         if normalize_whole_floats(&mut headers).is_err()
             || normalize_whole_floats(&mut body).is_err()
@@ -549,10 +554,7 @@ impl NativeEngine {
         message: String,
         status: u32,
     ) -> Result<()> {
-        let reply = self
-            .invokes
-            .try_remove(token as usize)
-            .ok_or_else(|| bad_arg("unknown invocation token"))?;
+        let reply = self.take_invoke(token)?;
         let status = u16::try_from(status).unwrap_or(500);
         self.engine.respond_invoke(
             reply,
