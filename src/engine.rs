@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use ferry_core::engine::{Deadline, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
 use ferry_core::message::normalize_whole_floats;
+use ferry_core::message::ByteString;
 use ferry_core::{Error as CoreError, ErrorType, Payload, RequestId};
 use napi::bindgen_prelude::*;
 use napi::sys;
@@ -46,7 +47,7 @@ const STATUS_INCOMING: u32 = 1;
 const STATUS_FATAL: u32 = 2;
 
 enum Incoming {
-    Call(RequestId, String, Payload),
+    Call(RequestId, ByteString, Payload),
     Invoke(InvokeReply, Payload),
 }
 

@@ -19,7 +19,7 @@ use bytes::BytesMut;
 
 use crate::error::{Error, ErrorType};
 use crate::frame::{begin_frame, finish_frame, FrameDecoder, DEFAULT_MAX_FRAME};
-use crate::message::{self, codes, Message, Payload, RequestId};
+use crate::message::{self, codes, ByteString, Message, Payload, RequestId};
 
 /// Limits and settings of one connection's engine.
 #[derive(Debug, Clone)]
@@ -129,8 +129,8 @@ pub enum Event<T> {
     Call {
         /// Echo this in the answer.
         request_id: RequestId,
-        /// The function's name.
-        function_name: String,
+        /// The function's name (shares the received frame's memory).
+        function_name: ByteString,
         /// Its argument.
         params: Payload,
     },

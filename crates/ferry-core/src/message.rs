@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
+pub use bytestring::ByteString;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// A call's id: a string or an unsigned integer, echoed back exactly as received.
@@ -69,6 +70,24 @@ impl Payload {
             .map_err(|e| crate::Error::Encode(e.to_string()))
     }
 
+    /// Appends a serde value's encoding (as [`Payload::encode`] makes it) to `out`, for
+    /// callers that build a frame in place; on error `out` is left as it was.
+    pub fn encode_into<T: Serialize + ?Sized>(
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), crate::Error> {
+        let start = out.len();
+        rmp_serde::encode::write_named(out, value).map_err(|e| {
+            out.truncate(start);
+            crate::Error::Encode(e.to_string())
+        })
+    }
+
+    /// Wraps bytes that an encoder produced (one value, not checked again).
+    pub(crate) fn from_encoded(bytes: impl Into<Bytes>) -> Payload {
+        Payload(bytes.into())
+    }
+
     /// Decodes into a serde type.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, rmp_serde::decode::Error> {
         rmp_serde::from_slice(&self.0)
@@ -115,8 +134,8 @@ impl fmt::Debug for Payload {
 pub enum Message {
     /// Call a function registered on the peer.
     RpcCall {
-        /// The registered name.
-        function_name: String,
+        /// The registered name (shares the received frame's memory: no copy).
+        function_name: ByteString,
         /// The argument (nil when absent).
         params: Payload,
         /// Unique among the sender's pending calls.
@@ -305,6 +324,17 @@ impl<'a> Reader<'a> {
 
     /// A string, or `None` (with nothing consumed) when the next value is not one.
     fn try_str(&mut self) -> DResult<Option<&'a str>> {
+        match self.try_raw_str()? {
+            None => Ok(None),
+            Some(bytes) => std::str::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| DecodeError::bad("string is not valid UTF-8")),
+        }
+    }
+
+    /// A string's bytes, not checked to be UTF-8 (for map keys, which are only compared with
+    /// known ASCII names), or `None` (nothing consumed) when the next value is not a string.
+    fn try_raw_str(&mut self) -> DResult<Option<&'a [u8]>> {
         let len = match self.peek()? {
             m @ 0xa0..=0xbf => {
                 self.pos += 1;
@@ -324,10 +354,7 @@ impl<'a> Reader<'a> {
             }
             _ => return Ok(None),
         };
-        let bytes = self.take(len)?;
-        std::str::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| DecodeError::bad("string is not valid UTF-8"))
+        self.take(len).map(Some)
     }
 
     /// A non-negative integer, or `None` (nothing consumed) when the next value is not one.
@@ -446,7 +473,7 @@ pub fn normalize_whole_floats(bytes: &mut [u8]) -> Result<(), DecodeError> {
 #[derive(Default)]
 struct Fields<'a> {
     ty: Option<Cow<'a, str>>,
-    function_name: Option<Cow<'a, str>>,
+    function_name: Option<ByteString>,
     handler_id: Option<Cow<'a, str>>,
     error: Option<Cow<'a, str>>,
     error_type: Option<Cow<'a, str>>,
@@ -481,12 +508,14 @@ fn msgpack_fields<'a>(body: &'a Bytes) -> DResult<Fields<'a>> {
     let n = r.map_len()?;
     let mut f = Fields::default();
     for _ in 0..n {
-        let key = r
-            .try_str()?
+        let raw_key = r
+            .try_raw_str()?
             .ok_or_else(|| DecodeError::bad("map keys must be strings"))?;
+        // Keys are compared as bytes; the text is only made for an error message.
+        let wrong = |want: &str| wrong(&String::from_utf8_lossy(raw_key), want);
         let string = |r: &mut Reader<'a>| -> DResult<Cow<'a, str>> {
             Ok(Cow::Borrowed(
-                r.try_str()?.ok_or_else(|| wrong(key, "a string"))?,
+                r.try_str()?.ok_or_else(|| wrong("a string"))?,
             ))
         };
         let opt_string = |r: &mut Reader<'a>| -> DResult<Option<Cow<'a, str>>> {
@@ -501,16 +530,23 @@ fn msgpack_fields<'a>(body: &'a Bytes) -> DResult<Fields<'a>> {
             r.skip_value()?;
             Ok(Payload(body.slice(start..r.pos)))
         };
-        match key {
-            "type" => f.ty = Some(string(&mut r)?),
-            "function_name" => f.function_name = Some(string(&mut r)?),
-            "handler_id" => f.handler_id = Some(string(&mut r)?),
-            "error" => f.error = Some(string(&mut r)?),
-            "error_type" => f.error_type = Some(string(&mut r)?),
-            "code" => f.code = Some(string(&mut r)?),
-            "message" => f.message = Some(string(&mut r)?),
-            "digest" => f.digest = opt_string(&mut r)?,
-            "request_id" => {
+        match raw_key {
+            b"type" => f.ty = Some(string(&mut r)?),
+            b"function_name" => {
+                let s = string(&mut r)?;
+                // Shares the frame's memory; `s` was checked to be UTF-8 and borrows `body`.
+                f.function_name = Some(
+                    ByteString::try_from(body.slice_ref(s.as_bytes()))
+                        .map_err(|_| DecodeError::bad("string is not valid UTF-8"))?,
+                )
+            }
+            b"handler_id" => f.handler_id = Some(string(&mut r)?),
+            b"error" => f.error = Some(string(&mut r)?),
+            b"error_type" => f.error_type = Some(string(&mut r)?),
+            b"code" => f.code = Some(string(&mut r)?),
+            b"message" => f.message = Some(string(&mut r)?),
+            b"digest" => f.digest = opt_string(&mut r)?,
+            b"request_id" => {
                 f.request_id = if r.is_nil()? {
                     None
                 } else if let Some(s) = r.try_str()? {
@@ -518,20 +554,17 @@ fn msgpack_fields<'a>(body: &'a Bytes) -> DResult<Fields<'a>> {
                 } else if let Some(n) = r.try_uint()? {
                     Some(RequestId::Int(n))
                 } else {
-                    return Err(wrong(key, "a string or an unsigned integer"));
+                    return Err(wrong("a string or an unsigned integer"));
                 }
             }
-            "status" => {
-                f.status = Some(
-                    r.try_uint()?
-                        .ok_or_else(|| wrong(key, "an unsigned integer"))?,
-                )
+            b"status" => {
+                f.status = Some(r.try_uint()?.ok_or_else(|| wrong("an unsigned integer"))?)
             }
-            "params" => f.params = Some(raw(&mut r)?),
-            "result" => f.result = Some(raw(&mut r)?),
-            "request" => f.request = Some(raw(&mut r)?),
-            "headers" => f.headers = Some(raw(&mut r)?),
-            "body" => f.body = Some(raw(&mut r)?),
+            b"params" => f.params = Some(raw(&mut r)?),
+            b"result" => f.result = Some(raw(&mut r)?),
+            b"request" => f.request = Some(raw(&mut r)?),
+            b"headers" => f.headers = Some(raw(&mut r)?),
+            b"body" => f.body = Some(raw(&mut r)?),
             _ => r.skip_value()?,
         }
     }
@@ -558,7 +591,7 @@ fn json_fields(body: &[u8]) -> DResult<Fields<'static>> {
         };
         match key.as_str() {
             "type" => f.ty = Some(string(v)?),
-            "function_name" => f.function_name = Some(string(v)?),
+            "function_name" => f.function_name = Some(string(v)?.into_owned().into()),
             "handler_id" => f.handler_id = Some(string(v)?),
             "error" => f.error = Some(string(v)?),
             "error_type" => f.error_type = Some(string(v)?),
@@ -616,7 +649,7 @@ impl Fields<'_> {
         };
         Ok(match t {
             "rpc_call" => Message::RpcCall {
-                function_name: need(owned(self.function_name), t, "function_name")?,
+                function_name: need(self.function_name, t, "function_name")?,
                 params: self.params.unwrap_or_else(Payload::nil),
                 request_id: need(self.request_id, t, "request_id")?,
             },

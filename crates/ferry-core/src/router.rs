@@ -125,6 +125,10 @@ pub struct HttpRequest {
     pub body: Option<Value>,
 }
 
+fn not_found(name: &str) -> Rejection {
+    Rejection::new(ErrorType::NotFound, format!("no function named `{name}`"))
+}
+
 /// Reads nil (or an absent field) as the type's default.
 fn nil_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -156,12 +160,30 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// The future of one dispatched call.
 pub type CallFuture = BoxFuture<Result<Payload, Rejection>>;
 type CallFn = dyn Fn(Context, Payload) -> BoxFuture<Result<Payload, Rejection>> + Send + Sync;
+/// A synchronous function: runs at once and appends its encoded result to the buffer.
+type SyncFn = dyn Fn(&Payload, &mut Vec<u8>) -> Result<(), Rejection> + Send + Sync;
 type RouteFn = dyn Fn(Context, Payload) -> BoxFuture<Result<HttpResponse, Rejection>> + Send + Sync;
+
+#[derive(Clone)]
+enum Function {
+    /// Called in place by [`Router::dispatch_into`]: no future, no allocation of its own.
+    Sync(Arc<SyncFn>),
+    Async(Arc<CallFn>),
+}
+
+/// How a call handed to [`Router::dispatch_into`] goes on.
+pub enum Dispatched {
+    /// The function ran to completion; on `Ok` its MessagePack result was appended to the
+    /// buffer, on `Err` the buffer is as it was.
+    Done(Result<(), Rejection>),
+    /// The function is asynchronous: this future (not polled yet) produces the result.
+    Future(CallFuture),
+}
 
 /// A table of functions and route handlers. Cheap to clone; build it before serving.
 #[derive(Clone, Default)]
 pub struct Router {
-    functions: FxHashMap<String, Arc<CallFn>>,
+    functions: FxHashMap<String, Function>,
     routes: FxHashMap<String, Arc<RouteFn>>,
 }
 
@@ -208,6 +230,10 @@ fn encode_result<R: Serialize>(r: &R) -> Result<Payload, Rejection> {
     Payload::encode(r).map_err(|e| Rejection::new(ErrorType::Internal, e.to_string()))
 }
 
+fn encode_result_into<R: Serialize>(r: &R, out: &mut Vec<u8>) -> Result<(), Rejection> {
+    Payload::encode_into(r, out).map_err(|e| Rejection::new(ErrorType::Internal, e.to_string()))
+}
+
 impl Router {
     /// An empty router.
     pub fn new() -> Router {
@@ -226,14 +252,14 @@ impl Router {
         let f = Arc::new(f);
         self.functions.insert(
             name.to_owned(),
-            Arc::new(move |ctx, params: Payload| {
+            Function::Async(Arc::new(move |ctx, params: Payload| {
                 let f = f.clone();
                 Box::pin(async move {
                     let p = decode_params::<P>(&params)?;
                     let r = f(ctx, p).await.map_err(IntoRejection::into_rejection)?;
                     encode_result(&r)
                 })
-            }),
+            })),
         );
         self
     }
@@ -259,19 +285,13 @@ impl Router {
         E: IntoRejection + Send + 'static,
         F: Fn(P) -> Result<R, E> + Send + Sync + 'static,
     {
-        let f = Arc::new(f);
         self.functions.insert(
             name.to_owned(),
-            Arc::new(move |_ctx, params: Payload| {
-                // Run inside the future, never in `dispatch` itself: the driver catches a
-                // panic only while polling.
-                let f = f.clone();
-                Box::pin(async move {
-                    let p = decode_params::<P>(&params)?;
-                    let r = f(p).map_err(IntoRejection::into_rejection)?;
-                    encode_result(&r)
-                })
-            }),
+            Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
+                let p = decode_params::<P>(params)?;
+                let r = f(p).map_err(IntoRejection::into_rejection)?;
+                encode_result_into(&r, out)
+            })),
         );
         self
     }
@@ -282,18 +302,14 @@ impl Router {
     where
         F: Fn(String, Value) -> Result<Value, String> + Send + Sync + 'static,
     {
-        let f = Arc::new(f);
         let owned = name.to_owned();
         self.functions.insert(
             name.to_owned(),
-            Arc::new(move |_ctx, params: Payload| {
-                let (f, name) = (f.clone(), owned.clone());
-                Box::pin(async move {
-                    f(name, params.to_value())
-                        .map(|v| Payload::from_value(&v))
-                        .map_err(Rejection::handler)
-                })
-            }),
+            Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
+                let v = f(owned.clone(), params.to_value()).map_err(Rejection::handler)?;
+                rmpv::encode::write_value(out, &v).expect("writing to a Vec cannot fail");
+                Ok(())
+            })),
         );
         self
     }
@@ -308,13 +324,13 @@ impl Router {
         E: IntoRejection + Send + 'static,
         F: Fn(Payload) -> Result<Payload, E> + Send + Sync + 'static,
     {
-        let f = Arc::new(f);
         self.functions.insert(
             name.to_owned(),
-            Arc::new(move |_ctx, params: Payload| {
-                let f = f.clone();
-                Box::pin(async move { f(params).map_err(IntoRejection::into_rejection) })
-            }),
+            Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
+                let r = f(params.clone()).map_err(IntoRejection::into_rejection)?;
+                out.extend_from_slice(r.as_bytes());
+                Ok(())
+            })),
         );
         self
     }
@@ -350,7 +366,7 @@ impl Router {
 
     /// Runs the named function. No user code runs before the future is polled (so a panic
     /// surfaces from `poll`, where drivers catch it); the future is `'static` so drivers can
-    /// spawn it.
+    /// spawn it. [`Router::dispatch_into`] is the cheaper form for drivers.
     pub fn dispatch(
         &self,
         ctx: Context,
@@ -358,14 +374,43 @@ impl Router {
         params: Payload,
     ) -> BoxFuture<Result<Payload, Rejection>> {
         match self.functions.get(name) {
-            Some(f) => f(ctx, params),
-            None => {
-                let msg = format!("no function named `{name}`");
-                Box::pin(std::future::ready(Err(Rejection::new(
-                    ErrorType::NotFound,
-                    msg,
-                ))))
+            Some(Function::Async(f)) => f(ctx, params),
+            Some(Function::Sync(f)) => {
+                let f = f.clone();
+                Box::pin(async move {
+                    let mut out = Vec::new();
+                    f(&params, &mut out)?;
+                    Ok(Payload::from_encoded(out))
+                })
             }
+            None => Box::pin(std::future::ready(Err(not_found(name)))),
+        }
+    }
+
+    /// Runs the named function as cheaply as it can be run: a synchronous one (registered
+    /// with [`Router::sync_fn`], [`Router::payload_fn`] or [`Router::raw_fn`]) runs right
+    /// here and appends its encoded result to `out`, with no future and no allocation of its
+    /// own; an asynchronous one gets its [`Context`] from `ctx` and is returned as a future,
+    /// not polled yet. User code may panic inside this call: drivers catch it (and then cut
+    /// `out` back to its length before the call).
+    pub fn dispatch_into(
+        &self,
+        name: &str,
+        params: Payload,
+        ctx: impl FnOnce() -> Context,
+        out: &mut Vec<u8>,
+    ) -> Dispatched {
+        match self.functions.get(name) {
+            Some(Function::Sync(f)) => {
+                let start = out.len();
+                let r = f(&params, out);
+                if r.is_err() {
+                    out.truncate(start);
+                }
+                Dispatched::Done(r)
+            }
+            Some(Function::Async(f)) => Dispatched::Future(f(ctx(), params)),
+            None => Dispatched::Done(Err(not_found(name))),
         }
     }
 

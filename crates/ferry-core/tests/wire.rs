@@ -36,6 +36,23 @@ fn route_response(name: &str, req: &HttpRequest) -> HttpResponse {
     }
 }
 
+/// A result that fails (or panics) halfway through being encoded, after some bytes are out.
+struct HalfEncoded {
+    panic: bool,
+}
+
+impl Serialize for HalfEncoded {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = s.serialize_seq(Some(2))?;
+        seq.serialize_element("written before the failure")?;
+        if self.panic {
+            panic!("panicked while encoding")
+        }
+        Err(S::Error::custom("cannot encode the second element"))
+    }
+}
+
 async fn panic_route(_ctx: Context, _req: HttpRequest) -> Result<HttpResponse, String> {
     tokio::task::yield_now().await;
     panic!("route panic was called")
@@ -52,6 +69,12 @@ fn wire_router() -> (Router, mpsc::UnboundedReceiver<&'static str>) {
         .sync_fn("add", |p: Pair| Ok::<_, String>(p.a + p.b))
         .raw_fn("echo", |_name, params| Ok(params))
         .sync_fn("grow", |n: usize| Ok::<_, String>("x".repeat(n)))
+        .sync_fn("encode_fails", |_: serde::de::IgnoredAny| {
+            Ok::<_, String>(HalfEncoded { panic: false })
+        })
+        .sync_fn("encode_panics", |_: serde::de::IgnoredAny| {
+            Ok::<_, String>(HalfEncoded { panic: true })
+        })
         .async_fn("hang", move |_: serde::de::IgnoredAny| {
             let tx = tx.clone();
             async move {
@@ -288,6 +311,58 @@ async fn integer_request_ids_are_echoed_as_integers() {
         let msg = raw.recv().await;
         assert_eq!(msg["request_id"], Value::from(9u64), "{msg}");
         assert!(msg["request_id"].is_u64());
+    })
+    .await
+}
+
+/// Synchronous functions answer a read's calls from one shared buffer: a function that fails
+/// or panics halfway through encoding its result must leave no bytes in the answers of the
+/// calls around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_result_in_a_batch_leaves_the_other_answers_whole() {
+    within(async {
+        let (_server, mut raw) = start().await;
+        let calls = [
+            ("add", add_params(1, 2), "a"),
+            ("encode_fails", Value::Nil, "b"),
+            ("add", add_params(3, 4), "c"),
+            ("encode_panics", Value::Nil, "d"),
+            ("echo", Value::from("five"), "e"),
+            ("nope", Value::Nil, "f"),
+            ("add", Value::from("not a pair"), "g"),
+            ("add", add_params(5, 6), "h"),
+        ];
+        let mut bytes = Vec::new();
+        for (name, params, id) in &calls {
+            bytes.extend(common::frame(&common::encode(&rpc_call(
+                name,
+                params.clone(),
+                Value::from(*id),
+            ))));
+        }
+        raw.send_bytes(&bytes).await;
+        let mut answers = HashMap::new();
+        for _ in calls {
+            let msg = raw.recv().await;
+            answers.insert(str_field(&msg, "request_id").to_string(), msg);
+        }
+        for (id, sum) in [("a", 3), ("c", 7), ("h", 11)] {
+            assert_eq!(msg_type(&answers[id]), "rpc_response", "{}", answers[id]);
+            assert_eq!(answers[id]["result"], Value::from(sum), "{}", answers[id]);
+        }
+        assert_eq!(answers["e"]["result"], Value::from("five"));
+        for (id, kind, text) in [
+            ("b", "Internal", "cannot encode the second element"),
+            ("d", "Internal", "panicked while encoding"),
+            ("f", "NotFound", "nope"),
+            ("g", "InvalidParams", "params"),
+        ] {
+            let msg = &answers[id];
+            assert_eq!(msg_type(msg), "rpc_error", "{msg}");
+            assert_eq!(str_field(msg, "error_type"), kind, "{msg}");
+            assert!(str_field(msg, "error").contains(text), "{msg}");
+        }
+        assert_serves(&mut raw).await;
     })
     .await
 }

@@ -1,5 +1,6 @@
 use std::any::Any;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::engine::{Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
 use crate::error::{Error, ErrorType, Result};
-use crate::message::{codes, Payload, RequestId};
-use crate::router::{Context, HttpResponse, Router};
+use crate::message::{codes, ByteString, Payload, RequestId};
+use crate::router::{Context, Dispatched, HttpResponse, Router};
 
 type Reply = oneshot::Sender<Result<Payload>>;
 
@@ -393,6 +394,7 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
         settled,
         calls,
         ran,
+        results,
     } = scratch;
     let mut fatal = None;
     {
@@ -441,18 +443,21 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
         let _ = tx.send(r);
     }
     // Handlers run without the state lock: one may call the peer back on this connection.
+    // Synchronous ones append their results to `results`, answered below in one go.
     ran.extend(calls.drain(..).map(|(rid, name, params)| {
-        let outcome = run_call(shared, &rid, &name, params);
+        let outcome = run_call(shared, &rid, &name, params, results);
         (rid, name, outcome)
     }));
     let flushed = {
         let mut st = shared.state.lock();
         for (rid, name, outcome) in ran.drain(..) {
             match outcome {
+                Ran::Encoded(range) => st.engine.respond(&rid, Ok(&results[range])),
                 Ran::Done(outcome) => respond_call(&mut st.engine, &rid, &name, outcome),
                 Ran::Pending(fut, token) => spawn_call(shared, &mut st, rid, name, fut, token),
             }
         }
+        results.clear();
         // Answers produced inline go out now, from this task: no hand-off to the writer.
         try_flush(&shared.stream, &mut st)
     };
@@ -468,32 +473,55 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
 #[derive(Default)]
 struct Scratch {
     settled: Vec<(Reply, Result<Payload>)>,
-    calls: Vec<(RequestId, String, Payload)>,
-    ran: Vec<(RequestId, String, Ran)>,
+    calls: Vec<(RequestId, ByteString, Payload)>,
+    ran: Vec<(RequestId, ByteString, Ran)>,
+    /// The encoded results of the synchronous functions run for one read.
+    results: Vec<u8>,
 }
 
 type CallOutcome =
     std::result::Result<std::result::Result<Payload, crate::Rejection>, Box<dyn Any + Send>>;
 
 enum Ran {
+    /// A synchronous function's result: these bytes of the scratch `results`.
+    Encoded(Range<usize>),
     Done(CallOutcome),
     /// Not finished on the first poll; the token keeps graceful shutdown waiting for it from
     /// before that poll until its task ends.
     Pending(crate::router::CallFuture, TaskTrackerToken),
 }
 
-/// Starts an `rpc_call` on the router and polls its future once, right here: functions that
-/// finish at once (every sync function, most small async ones) are answered inline, with no
-/// task spawned and no thread hand-off; the others continue on their own task.
-fn run_call(shared: &Arc<Shared>, request_id: &RequestId, name: &str, params: Payload) -> Ran {
-    let ctx = Context {
+/// Starts an `rpc_call` on the router, right here: a synchronous function runs at once and
+/// leaves its encoded result in `results` (no future, no allocation); an asynchronous one is
+/// polled once, so those that finish at once (most small ones) are answered inline too, with
+/// no task spawned and no thread hand-off; the others continue on their own task.
+fn run_call(
+    shared: &Arc<Shared>,
+    request_id: &RequestId,
+    name: &str,
+    params: Payload,
+    results: &mut Vec<u8>,
+) -> Ran {
+    let start = results.len();
+    let ctx = || Context {
         connection: Connection {
             shared: shared.clone(),
         },
         request_id: Some(request_id.clone()),
     };
+    let dispatched = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        shared.router.dispatch_into(name, params, ctx, results)
+    }));
+    let mut fut = match dispatched {
+        Ok(Dispatched::Done(Ok(()))) => return Ran::Encoded(start..results.len()),
+        Ok(Dispatched::Done(Err(rejection))) => return Ran::Done(Ok(Err(rejection))),
+        Ok(Dispatched::Future(fut)) => fut,
+        Err(panic) => {
+            results.truncate(start);
+            return Ran::Done(Err(panic));
+        }
+    };
     let token = shared.handlers.token();
-    let mut fut = shared.router.dispatch(ctx, name, params);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
         Ok(std::task::Poll::Ready(r)) => Ran::Done(Ok(r)),
@@ -525,7 +553,7 @@ fn spawn_call(
     shared: &Arc<Shared>,
     st: &mut State,
     request_id: RequestId,
-    name: String,
+    name: ByteString,
     fut: crate::router::CallFuture,
     token: TaskTrackerToken,
 ) {
