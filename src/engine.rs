@@ -467,7 +467,7 @@ impl NativeEngine {
 
     /// Milliseconds until the earliest deadline of a pending call, or -1 when none has one.
     #[napi]
-    pub fn next_deadline_ms(&self) -> f64 {
+    pub fn next_deadline_ms(&mut self) -> f64 {
         match self.engine.next_deadline() {
             Some(at) => at.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0,
             None => -1.0,

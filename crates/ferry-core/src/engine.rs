@@ -10,7 +10,8 @@
 //! Deadlines are plain state: the driver asks [`Engine::next_deadline`] when to wake up and
 //! calls [`Engine::expire`] then. The tokio driver and the Node addon drive this same type.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
@@ -20,6 +21,9 @@ use bytes::BytesMut;
 use crate::error::{Error, ErrorType};
 use crate::frame::{begin_frame, finish_frame, FrameDecoder, DEFAULT_MAX_FRAME};
 use crate::message::{self, codes, ByteString, Message, Payload, RequestId};
+
+/// Stale deadline entries tolerated beyond the pending calls before the heap is swept.
+const STALE_SLACK: usize = 1024;
 
 /// Limits and settings of one connection's engine.
 #[derive(Debug, Clone)]
@@ -176,7 +180,12 @@ pub struct Engine<T> {
     /// IpcServer). Only then must a cancelled invocation keep its place in `invoke_order`,
     /// so that its late answer is matched to it and dropped.
     peer_answers_in_order: bool,
-    deadlines: BTreeSet<(Instant, u64)>,
+    /// The deadlines of pending calls, earliest first. Entries are not removed when their
+    /// call settles (ids are never reused, so an entry whose id is no longer pending is
+    /// stale): a call then costs one push, usually O(1) as deadlines mostly grow. Stale
+    /// entries are dropped when they reach the top, and all at once when they outnumber the
+    /// pending calls, so the heap stays within twice the pending calls (plus a constant).
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Encoded answers to the peer's id-less invocations, held until every earlier one is done.
     ordered: VecDeque<Option<Vec<u8>>>,
     ordered_base: u64,
@@ -195,7 +204,7 @@ impl<T> Engine<T> {
             pending: FxHashMap::default(),
             invoke_order: VecDeque::new(),
             peer_answers_in_order: false,
-            deadlines: BTreeSet::new(),
+            deadlines: BinaryHeap::new(),
             ordered: VecDeque::new(),
             ordered_base: 0,
             failed: false,
@@ -240,7 +249,12 @@ impl<T> Engine<T> {
 
     fn register(&mut self, id: u64, kind: Kind, deadline: Option<Deadline>, token: T) {
         if let Some(d) = deadline {
-            self.deadlines.insert((d.at, id));
+            if self.deadlines.len() >= 2 * self.pending.len() + STALE_SLACK {
+                let pending = &self.pending;
+                self.deadlines
+                    .retain(|Reverse((_, id))| pending.contains_key(id));
+            }
+            self.deadlines.push(Reverse((d.at, id)));
         }
         self.pending.insert(
             id,
@@ -336,11 +350,8 @@ impl<T> Engine<T> {
     }
 
     fn take_pending(&mut self, id: u64) -> Option<Pending<T>> {
-        let p = self.pending.remove(&id)?;
-        if let Some(d) = p.deadline {
-            self.deadlines.remove(&(d.at, id));
-        }
-        Some(p)
+        // Its deadline entry, if any, is now stale (see `deadlines`).
+        self.pending.remove(&id)
     }
 
     /// Forgets a pending call and returns its token (the driver settles it, usually with
@@ -362,19 +373,25 @@ impl<T> Engine<T> {
     }
 
     /// The earliest deadline of a pending call.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(at, _)| *at)
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, id))) = self.deadlines.peek() {
+            if self.pending.contains_key(&id) {
+                return Some(at);
+            }
+            self.deadlines.pop();
+        }
+        None
     }
 
     /// Removes every call whose deadline is at or before `now` and returns its token with
     /// the [`Error::Timeout`] to settle it with.
     pub fn expire(&mut self, now: Instant) -> Vec<(T, Error)> {
         let mut expired = Vec::new();
-        while let Some(&(at, id)) = self.deadlines.first() {
+        while let Some(&Reverse((at, id))) = self.deadlines.peek() {
             if at > now {
                 break;
             }
-            self.deadlines.pop_first();
+            self.deadlines.pop();
             if let Some(p) = self.pending.remove(&id) {
                 if p.kind == Kind::Invoke {
                     self.forget_invoke(id);
@@ -822,6 +839,40 @@ mod tests {
         }));
         assert!(e.poll_event().is_none());
         assert_eq!(e.pending_len(), 1);
+    }
+
+    #[test]
+    fn settled_calls_leave_no_deadline_behind() {
+        let mut e: Engine<u64> = Engine::new(EngineConfig::default());
+        let now = Instant::now();
+        let d = |ms| {
+            Some(Deadline {
+                at: now + Duration::from_millis(ms),
+                timeout: Duration::from_millis(ms),
+            })
+        };
+        // One call that stays pending, then many that settle (answered or cancelled).
+        let long = e.call("long", &[0xc0], d(60_000), 0).unwrap();
+        for i in 1..=20_000u64 {
+            let id = e.call("quick", &[0xc0], d(i), i).unwrap();
+            if i % 2 == 0 {
+                assert_eq!(e.cancel(id), Some(i));
+            } else {
+                e.feed(&wire(Message::RpcResponse {
+                    request_id: id.into(),
+                    result: Payload::nil(),
+                }));
+                assert!(matches!(e.poll_event(), Some(Event::Settled { token, .. }) if token == i));
+            }
+            assert!(e.deadlines.len() <= 2 * e.pending_len() + STALE_SLACK + 1);
+        }
+        // The earliest deadline is the pending call's, not a settled call's.
+        assert_eq!(e.next_deadline(), Some(now + Duration::from_millis(60_000)));
+        assert!(e.expire(now + Duration::from_millis(30_000)).is_empty());
+        let expired = e.expire(now + Duration::from_millis(60_000));
+        assert!(matches!(expired[..], [(0, Error::Timeout(t))] if t == Duration::from_secs(60)));
+        assert_eq!(e.next_deadline(), None);
+        assert!(e.cancel(long).is_none());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use parking_lot::Mutex;
@@ -15,7 +15,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
-use crate::engine::{Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
+use crate::engine::{Deadline, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
 use crate::error::{Error, ErrorType, Result};
 use crate::message::{codes, ByteString, Payload, RequestId};
 use crate::router::{Context, Dispatched, HttpResponse, Router};
@@ -70,12 +70,17 @@ struct State {
     running: HashMap<RequestId, AbortHandle>,
     /// Set by graceful shutdown: new calls from the peer are refused.
     draining: bool,
+    /// The deadline the timer task sleeps until (`None`: no deadline, it waits to be told).
+    /// A call with an earlier deadline wakes it; the usual call, made with the same timeout
+    /// as the ones before it, does not.
+    timer_at: Option<Instant>,
 }
 
 struct Shared {
     stream: UnixStream,
     state: Mutex<State>,
     wake_writer: Notify,
+    wake_timer: Notify,
     /// Fires once the connection is finished (closed by either side).
     done: CancellationToken,
     /// Fires once the writer has flushed what was queued at close and shut the socket down.
@@ -133,8 +138,10 @@ impl Connection {
                 spare: Vec::new(),
                 running: HashMap::new(),
                 draining: false,
+                timer_at: None,
             }),
             wake_writer: Notify::new(),
+            wake_timer: Notify::new(),
             done: CancellationToken::new(),
             flushed: CancellationToken::new(),
             router,
@@ -143,6 +150,7 @@ impl Connection {
         });
         tokio::spawn(read_loop(shared.clone()));
         tokio::spawn(write_loop(shared.clone()));
+        tokio::spawn(timer_loop(shared.clone()));
         Connection { shared }
     }
 
@@ -161,8 +169,13 @@ impl Connection {
         P: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let params = Payload::encode(params)?;
-        let result = self.call_raw(name, params.as_bytes(), options).await?;
+        let started = with_scratch(|buf| {
+            Payload::encode_into(params, buf)?;
+            self.start(options, |engine, deadline, tx| {
+                engine.call(name, buf, deadline, tx)
+            })
+        })?;
+        let result = self.answer(started).await?;
         result.decode().map_err(|e| Error::Decode(e.to_string()))
     }
 
@@ -174,8 +187,10 @@ impl Connection {
         params: &[u8],
         options: CallOptions,
     ) -> Result<Payload> {
-        self.request(options, |engine, tx| engine.call(name, params, None, tx))
-            .await
+        let started = self.start(options, |engine, deadline, tx| {
+            engine.call(name, params, deadline, tx)
+        })?;
+        self.answer(started).await
     }
 
     /// Invokes the peer's route handler `handler_id` with an HTTP-like request (such as
@@ -186,38 +201,53 @@ impl Connection {
         request: &Req,
     ) -> Result<HttpResponse> {
         let request = Payload::encode(request)?;
-        let result = self
-            .request(CallOptions::default(), |engine, tx| {
-                engine.invoke(handler_id, request.as_bytes(), None, tx)
-            })
-            .await?;
+        let started = self.start(CallOptions::default(), |engine, deadline, tx| {
+            engine.invoke(handler_id, request.as_bytes(), deadline, tx)
+        })?;
+        let result = self.answer(started).await?;
         result.decode().map_err(|e| Error::Decode(e.to_string()))
     }
 
-    async fn request(
+    /// Registers a call with the engine (its frame queued, the writer woken). Its deadline is
+    /// kept by the engine and enforced by the connection's one timer task (which settles it
+    /// with [`Error::Timeout`]), not by a timer per call.
+    fn start(
         &self,
         options: CallOptions,
-        start: impl FnOnce(&mut Engine<Reply>, Reply) -> std::result::Result<u64, (Error, Reply)>,
-    ) -> Result<Payload> {
+        start: impl FnOnce(
+            &mut Engine<Reply>,
+            Option<Deadline>,
+            Reply,
+        ) -> std::result::Result<u64, (Error, Reply)>,
+    ) -> Result<Started> {
         let (tx, rx) = oneshot::channel();
-        let id = start(&mut self.shared.state.lock().engine, tx).map_err(|(e, _)| e)?;
+        let deadline = options
+            .timeout
+            .or(self.shared.default_timeout)
+            .map(Deadline::after);
+        let id = {
+            let mut st = self.shared.state.lock();
+            let id = start(&mut st.engine, deadline, tx).map_err(|(e, _)| e)?;
+            if let Some(d) = deadline {
+                if st.timer_at.is_none_or(|at| d.at < at) {
+                    st.timer_at = Some(d.at);
+                    self.shared.wake_timer.notify_one();
+                }
+            }
+            id
+        };
         self.shared.wake_writer.notify_one();
-        let mut guard = CancelOnDrop {
+        Ok(Started { id, rx })
+    }
+
+    /// Waits for a started call's answer; dropped before it, cancels the call.
+    async fn answer(&self, Started { id, rx }: Started) -> Result<Payload> {
+        let guard = CancelOnDrop {
             shared: &self.shared,
             id,
-            armed: true,
         };
-        let outcome = match options.timeout.or(self.shared.default_timeout) {
-            Some(t) => match tokio::time::timeout(t, rx).await {
-                Ok(r) => r,
-                Err(_) => {
-                    guard.cancel();
-                    return Err(Error::Timeout(t));
-                }
-            },
-            None => rx.await,
-        };
-        guard.armed = false;
+        let outcome = rx.await;
+        std::mem::forget(guard);
         outcome.unwrap_or_else(|_| Err(Error::ConnectionLost("connection task ended".into())))
     }
 
@@ -254,26 +284,46 @@ impl Connection {
     }
 }
 
+/// Cancels the call (and tells the peer) when the caller drops its future before the answer.
+/// A call registered with the engine, awaiting its answer.
+struct Started {
+    id: u64,
+    rx: oneshot::Receiver<Result<Payload>>,
+}
+
+/// Runs `f` with this thread's empty scratch buffer (or a new one, if it is in use), so that
+/// encoding a call's params allocates nothing. User code (a `Serialize` impl) runs in `f`,
+/// never under the connection's lock.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let r = f(&mut buf);
+            buf.clear();
+            // Do not keep a large buffer around after one large call.
+            if buf.capacity() > 64 * 1024 {
+                *buf = Vec::new();
+            }
+            r
+        }
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 struct CancelOnDrop<'a> {
     shared: &'a Arc<Shared>,
     id: u64,
-    armed: bool,
-}
-
-impl CancelOnDrop<'_> {
-    fn cancel(&mut self) {
-        if std::mem::take(&mut self.armed) {
-            let cancelled = self.shared.state.lock().engine.cancel(self.id);
-            if cancelled.is_some() {
-                self.shared.wake_writer.notify_one();
-            }
-        }
-    }
 }
 
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
-        self.cancel();
+        let cancelled = self.shared.state.lock().engine.cancel(self.id);
+        if cancelled.is_some() {
+            self.shared.wake_writer.notify_one();
+        }
     }
 }
 
@@ -643,6 +693,41 @@ fn spawn_invoke(shared: &Arc<Shared>, reply: InvokeReply, request: Payload) {
         drop(st);
         task_shared.wake_writer.notify_one();
     });
+}
+
+/// Settles the calls whose deadline passed with [`Error::Timeout`] (the engine queues their
+/// `cancel`), sleeping until the earliest deadline of a pending call. One task per connection
+/// instead of a timer per call: a call only wakes it when its deadline is earlier than the
+/// one it sleeps until.
+async fn timer_loop(shared: Arc<Shared>) {
+    loop {
+        let at = {
+            let mut st = shared.state.lock();
+            let at = st.engine.next_deadline();
+            st.timer_at = at;
+            at
+        };
+        let expired = match at {
+            None => tokio::select! {
+                _ = shared.wake_timer.notified() => false,
+                _ = shared.done.cancelled() => return,
+            },
+            Some(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => true,
+                _ = shared.wake_timer.notified() => false,
+                _ = shared.done.cancelled() => return,
+            },
+        };
+        if expired {
+            let timed_out = shared.state.lock().engine.expire(Instant::now());
+            if !timed_out.is_empty() {
+                shared.wake_writer.notify_one();
+            }
+            for (tx, e) in timed_out {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
 }
 
 /// Writes what others queued (calls, answers of spawned handlers), so a burst shares one
