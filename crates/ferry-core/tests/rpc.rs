@@ -477,6 +477,65 @@ async fn timeout_fails_the_call_and_the_connection_goes_on() {
     .await
 }
 
+/// The connection keeps one timer, asleep until the earliest deadline: a call with a shorter
+/// timeout than the pending ones must wake it, and no timeout may fire early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_timeouts_fire_while_a_longer_one_is_pending() {
+    within(async {
+        let gate = Arc::new(Notify::new());
+        let (router, _events) = with_gated(worker_router(), gate.clone());
+        let server = TestServer::start(router).await;
+        let conn = Connection::connect(&server.path).await.unwrap();
+
+        // Longer than the test's own limit: if only its deadline woke the timer, the test
+        // would fail by timing out.
+        let long = tokio::spawn({
+            let conn = conn.clone();
+            async move {
+                conn.call_with::<_, String>(
+                    "gated",
+                    &(),
+                    CallOptions::timeout(Duration::from_secs(60)),
+                )
+                .await
+            }
+        });
+        common::wait_until("the long call is pending", || conn.pending_calls() == 1).await;
+
+        let timed = |ms: u64| {
+            let conn = conn.clone();
+            async move {
+                let start = std::time::Instant::now();
+                let r = conn
+                    .call_with::<_, String>(
+                        "gated",
+                        &(),
+                        CallOptions::timeout(Duration::from_millis(ms)),
+                    )
+                    .await;
+                (r, start.elapsed())
+            }
+        };
+        let ((a, a_took), (b, b_took)) = tokio::join!(timed(200), timed(50));
+        assert!(
+            matches!(a, Err(Error::Timeout(t)) if t == Duration::from_millis(200)),
+            "{a:?}"
+        );
+        assert!(
+            matches!(b, Err(Error::Timeout(t)) if t == Duration::from_millis(50)),
+            "{b:?}"
+        );
+        assert!(a_took >= Duration::from_millis(200), "{a_took:?}");
+        assert!(b_took >= Duration::from_millis(50), "{b_took:?}");
+
+        // The long call is untouched and still answered.
+        assert_eq!(conn.pending_calls(), 1);
+        gate.notify_waiters();
+        assert_eq!(long.await.unwrap().unwrap(), "opened");
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_default_timeout_applies() {
     within(async {
