@@ -381,6 +381,25 @@ impl<'a> Reader<'a> {
         Ok(u64::try_from(v).ok())
     }
 
+    /// A request id (a string or an unsigned integer), or `None` when the next value is
+    /// neither.
+    fn try_request_id(&mut self) -> DResult<Option<RequestId>> {
+        if let Some(s) = self.try_str()? {
+            Ok(Some(RequestId::Str(s.to_owned())))
+        } else {
+            Ok(self.try_uint()?.map(RequestId::Int))
+        }
+    }
+
+    /// Skips `expected` if the next bytes are exactly it.
+    fn eat(&mut self, expected: &[u8]) -> bool {
+        let hit = self.buf[self.pos..].starts_with(expected);
+        if hit {
+            self.pos += expected.len();
+        }
+        hit
+    }
+
     fn is_nil(&mut self) -> DResult<bool> {
         if self.peek()? == 0xc0 {
             self.pos += 1;
@@ -495,12 +514,64 @@ fn wrong(key: &str, want: &str) -> DecodeError {
 
 /// Decodes one frame body (MessagePack, or JSON when it starts with `{`).
 pub fn decode(body: &Bytes) -> Result<Message, DecodeError> {
+    if let Some(m) = decode_common(body) {
+        return Ok(m);
+    }
     let fields = if body.first() == Some(&b'{') {
         json_fields(body)?
     } else {
         msgpack_fields(body)?
     };
     fields.into_message()
+}
+
+/// A string of `body` as a [`ByteString`] sharing its memory, checked to be UTF-8.
+fn text(body: &Bytes, s: &[u8]) -> DResult<ByteString> {
+    ByteString::try_from(body.slice_ref(s))
+        .map_err(|_| DecodeError::bad("string is not valid UTF-8"))
+}
+
+/// The two messages of every call, in the exact layout Ferry writes them (and ZapJS's serde
+/// peers write `rpc_call`): keys in a fixed order, `type` first. These are read straight into
+/// the message, without the general field table. `None` for anything else, well-formed or
+/// not: the general decoder then reads it (and gives the precise error), with the same result
+/// for every body this accepts.
+fn decode_common(body: &Bytes) -> Option<Message> {
+    const CALL: &[u8] = b"\x84\xa4type\xa8rpc_call\xadfunction_name";
+    const RESPONSE: &[u8] = b"\x83\xa4type\xacrpc_response\xaarequest_id";
+    let mut r = Reader::new(body);
+    let value = |r: &mut Reader<'_>| -> Option<Payload> {
+        let start = r.pos;
+        r.skip_value().ok()?;
+        Some(Payload(body.slice(start..r.pos)))
+    };
+    let m = if r.eat(CALL) {
+        let name = text(body, r.try_raw_str().ok()??).ok()?;
+        if !r.eat(b"\xa6params") {
+            return None;
+        }
+        let params = value(&mut r)?;
+        if !r.eat(b"\xaarequest_id") {
+            return None;
+        }
+        Message::RpcCall {
+            function_name: name,
+            params,
+            request_id: r.try_request_id().ok()??,
+        }
+    } else if r.eat(RESPONSE) {
+        let request_id = r.try_request_id().ok()??;
+        if !r.eat(b"\xa6result") {
+            return None;
+        }
+        Message::RpcResponse {
+            request_id,
+            result: value(&mut r)?,
+        }
+    } else {
+        return None;
+    };
+    (r.pos == body.len()).then_some(m)
 }
 
 fn msgpack_fields<'a>(body: &'a Bytes) -> DResult<Fields<'a>> {
@@ -533,12 +604,8 @@ fn msgpack_fields<'a>(body: &'a Bytes) -> DResult<Fields<'a>> {
         match raw_key {
             b"type" => f.ty = Some(string(&mut r)?),
             b"function_name" => {
-                let s = string(&mut r)?;
-                // Shares the frame's memory; `s` was checked to be UTF-8 and borrows `body`.
-                f.function_name = Some(
-                    ByteString::try_from(body.slice_ref(s.as_bytes()))
-                        .map_err(|_| DecodeError::bad("string is not valid UTF-8"))?,
-                )
+                let s = r.try_raw_str()?.ok_or_else(|| wrong("a string"))?;
+                f.function_name = Some(text(body, s)?);
             }
             b"handler_id" => f.handler_id = Some(string(&mut r)?),
             b"error" => f.error = Some(string(&mut r)?),
@@ -549,12 +616,11 @@ fn msgpack_fields<'a>(body: &'a Bytes) -> DResult<Fields<'a>> {
             b"request_id" => {
                 f.request_id = if r.is_nil()? {
                     None
-                } else if let Some(s) = r.try_str()? {
-                    Some(RequestId::Str(s.to_owned()))
-                } else if let Some(n) = r.try_uint()? {
-                    Some(RequestId::Int(n))
                 } else {
-                    return Err(wrong("a string or an unsigned integer"));
+                    Some(
+                        r.try_request_id()?
+                            .ok_or_else(|| wrong("a string or an unsigned integer"))?,
+                    )
                 }
             }
             b"status" => {
@@ -986,6 +1052,94 @@ mod tests {
         roundtrip(Message::Cancel {
             request_id: u64::MAX.into(),
         });
+    }
+
+    /// What `decode` gives without its fast path.
+    fn general(body: &Bytes) -> Result<Message, DecodeError> {
+        msgpack_fields(body).and_then(Fields::into_message)
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_general_decoder() {
+        let call = |name: &str, id: RequestId| Message::RpcCall {
+            function_name: name.into(),
+            params: Payload::encode(&serde_json::json!({"a": [1, "x"], "b": null})).unwrap(),
+            request_id: id,
+        };
+        let response = |id: RequestId| Message::RpcResponse {
+            request_id: id,
+            result: Payload::encode(&3.5).unwrap(),
+        };
+        let mut canonical: Vec<Vec<u8>> = [
+            call("add", RequestId::Int(7)),
+            call("ünïcödé", RequestId::Int(u64::MAX)),
+            call(&"n".repeat(300), RequestId::Str("req_1".into())),
+            response(RequestId::Int(0)),
+            response(RequestId::Str("r".repeat(40))),
+        ]
+        .iter()
+        .map(|m| {
+            let mut out = Vec::new();
+            m.encode(&mut out);
+            out
+        })
+        .collect();
+        // ZapJS's serde peers write rpc_call in the same layout.
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum Zap {
+            RpcCall {
+                function_name: String,
+                params: Option<u8>,
+                request_id: String,
+            },
+        }
+        canonical.push(
+            rmp_serde::to_vec_named(&Zap::RpcCall {
+                function_name: "f".into(),
+                params: None,
+                request_id: "req_1732000000000_0".into(),
+            })
+            .unwrap(),
+        );
+        for body in &canonical {
+            let body = Bytes::from(body.clone());
+            assert!(decode_common(&body).is_some(), "not taken: {body:x?}");
+            assert_eq!(decode(&body), general(&body));
+        }
+        // Near misses: every truncation, a trailing byte, a name that is not UTF-8 or not a
+        // string, ids that are not ids, a key out of place. Same answer, error or not.
+        let mut near = Vec::new();
+        for body in &canonical {
+            near.extend((0..body.len()).map(|n| body[..n].to_vec()));
+            near.push([&body[..], &[0xc0]].concat());
+        }
+        let call_add = &canonical[0];
+        let name_at = call_add
+            .windows(4)
+            .position(|w| w == b"\xa3add")
+            .expect("the name");
+        for (at, byte) in [
+            (name_at + 1, 0xff),        // not UTF-8
+            (name_at, 0x03),            // not a string
+            (call_add.len() - 1, 0xff), // id -1
+            (call_add.len() - 1, 0xc0), // id nil
+            (call_add.len() - 2, b'x'), // a different key
+        ] {
+            let mut b = call_add.clone();
+            b[at] = byte;
+            near.push(b);
+        }
+        // A response whose id is a float.
+        let mut float_id = canonical[3][..canonical[3].len() - 16].to_vec();
+        assert!(float_id.ends_with(b"request_id\x00"), "{float_id:x?}");
+        float_id.pop();
+        float_id.extend_from_slice(b"\xcb\x3f\xf0\0\0\0\0\0\0\xa6result\xc0");
+        near.push(float_id);
+        for body in near {
+            let body = Bytes::from(body);
+            assert_eq!(decode(&body), general(&body), "{body:x?}");
+        }
     }
 
     #[test]
