@@ -9,7 +9,7 @@ const fs = require('node:fs')
 const net = require('node:net')
 const path = require('node:path')
 const util = require('node:util')
-const { Packr } = require('msgpackr')
+const { Packr, REUSE_BUFFER_MODE, RESET_BUFFER_MODE } = require('msgpackr')
 const { NativeEngine, fastCall } = require('./native.js')
 
 const packr = new Packr({
@@ -30,6 +30,12 @@ const scratchUnpackr = new Packr({
 })
 const NIL = Buffer.from([0xc0])
 const pack = (value) => (value === undefined ? NIL : packr.pack(value))
+// A call's params are packed into msgpackr's own buffer, returned whole with the bytes at
+// [start, end), and the next pack reuses the space: no Buffer is made per call. Valid only
+// until the next pack; the engine copies them into the frame at once.
+const IN_PLACE = REUSE_BUFFER_MODE | RESET_BUFFER_MODE
+const NIL_IN_PLACE = Object.assign(Buffer.from([0xc0]), { start: 0, end: 1 })
+const packInPlace = (value) => (value === undefined ? NIL_IN_PLACE : packr.pack(value, IN_PLACE))
 const unpack = (buffer) => packr.unpack(buffer)
 
 // What NativeEngine reports through onSocket(kind, arg).
@@ -188,9 +194,9 @@ class RpcConnection {
     if (signal?.aborted) {
       return Promise.reject(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
     }
-    let buffer
+    let packed
     try {
-      buffer = pack(value)
+      packed = packInPlace(value)
     } catch (e) {
       return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
     }
@@ -204,7 +210,9 @@ class RpcConnection {
       // A deadline already in the past (a computed budget that ran out) fails at once.
       return Promise.reject(new RpcError(`call timed out: timeoutMs is ${timeoutMs}`, 'ERR_FERRY_TIMEOUT'))
     }
-    const id = isCall ? fastCall(this._handle, name, buffer, timeoutMs) : this._native.invoke(name, buffer, timeoutMs)
+    const id = isCall
+      ? fastCall(this._handle, name, packed, packed.start, packed.end, timeoutMs)
+      : this._native.invoke(name, packed.subarray(packed.start, packed.end), timeoutMs)
     if (id === 0) return Promise.reject(this._native.takeError())
     const promise = new Promise((resolve, reject) => this._pending.set(id, { resolve, reject }))
     if (signal) {

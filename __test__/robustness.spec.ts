@@ -130,8 +130,28 @@ test('the raw fastCall entry point refuses anything but an engine handle', (t) =
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const native = require('../native.js') as { fastCall: (...args: unknown[]) => number }
   for (const bogus of [{}, null, 42, Buffer.alloc(8), client]) {
-    t.throws(() => native.fastCall(bogus, 'add', Buffer.from([0xc0]), 0), { instanceOf: TypeError })
+    t.throws(() => native.fastCall(bogus, 'add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
   }
+})
+
+test('the raw fastCall entry point refuses a byte range outside its buffer', async (t) => {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const native = require('../native.js') as { fastCall: (...args: unknown[]) => number }
+  const handle = (client as unknown as { _handle: unknown })._handle
+  const params = pack({ a: 1, b: 2 })
+  const before = client.pendingCalls
+  for (const [start, end] of [
+    [1, 0],
+    [0, params.length + 1],
+    [-1, 2],
+    ['0', 2],
+    [0, undefined],
+  ]) {
+    t.throws(() => native.fastCall(handle, 'add', params, start, end, 0), { instanceOf: TypeError }, `${start}..${end}`)
+  }
+  // Nothing was queued, and the connection goes on.
+  t.is(client.pendingCalls, before)
+  t.is(await client.call('add', { a: 1, b: 2 }), 3)
 })
 
 test('whole numbers beyond 32 bits leave Node as MessagePack integers, fractions as floats', async (t) => {

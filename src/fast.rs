@@ -3,9 +3,10 @@
 //! A napi-rs class method costs 350-420 ns per call from JS on these machines (receiver
 //! unwrap with class-identity checks, argument conversion with a heap `String`); a raw
 //! callback doing the same work costs about 100 ns. `call` is the one crossing every RPC
-//! makes, so it gets a raw twin: `fastCall(handle, name, params, timeoutMs)`, where `handle`
-//! is an external made by `NativeEngine#fastHandle()` and type-tagged, so a foreign object
-//! can never be taken for an engine.
+//! makes, so it gets a raw twin: `fastCall(handle, name, buffer, start, end, timeoutMs)`,
+//! where `handle` is an external made by `NativeEngine#fastHandle()` and type-tagged, so a
+//! foreign object can never be taken for an engine, and the params are `buffer[start..end]`:
+//! msgpackr packs them into its own reused buffer, so no Buffer object is made per call.
 
 // napi-rs registers module exports only outside `cfg(test)`.
 #![cfg_attr(test, allow(dead_code))]
@@ -33,14 +34,15 @@ unsafe fn throw(env: sys::napi_env, msg: &str) -> sys::napi_value {
     ptr::null_mut()
 }
 
-/// `fastCall(handle, name, params, timeoutMs)`: `NativeEngine#call` without napi-rs's
-/// per-call overhead. Returns the call id, or 0 when the call failed at once.
+/// `fastCall(handle, name, buffer, start, end, timeoutMs)`: `NativeEngine#call` with the
+/// params `buffer[start..end]`, without napi-rs's per-call overhead. Returns the call id, or 0
+/// when the call failed at once.
 unsafe extern "C" fn fast_call(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let mut argc = 4usize;
-    let mut argv = [ptr::null_mut(); 4];
+    let mut argc = 6usize;
+    let mut argv = [ptr::null_mut(); 6];
     sys::napi_get_cb_info(
         env,
         info,
@@ -49,8 +51,8 @@ unsafe extern "C" fn fast_call(
         ptr::null_mut(),
         ptr::null_mut(),
     );
-    if argc < 4 {
-        return throw(env, "fastCall(handle, name, params, timeoutMs)");
+    if argc < 6 {
+        return throw(env, "fastCall(handle, name, buffer, start, end, timeoutMs)");
     }
     let mut tagged = false;
     if sys::napi_check_object_type_tag(env, argv[0], &ENGINE_TAG, &mut tagged)
@@ -105,13 +107,29 @@ unsafe extern "C" fn fast_call(
     {
         return throw(env, "fastCall: params must be a Buffer");
     }
-    let params: &mut [u8] = if params_len == 0 {
+    let (mut start, mut end) = (0u32, 0u32);
+    if sys::napi_get_value_uint32(env, argv[3], &mut start) != sys::Status::napi_ok
+        || sys::napi_get_value_uint32(env, argv[4], &mut end) != sys::Status::napi_ok
+        || start > end
+        || end as usize > params_len
+    {
+        return throw(
+            env,
+            "fastCall: start and end must delimit bytes of the buffer",
+        );
+    }
+    let params: &mut [u8] = if start == end {
         &mut []
     } else {
-        std::slice::from_raw_parts_mut(params.cast(), params_len)
+        // SAFETY: `start..end` lies within the buffer's `params_len` bytes (checked above),
+        // which stay alive and unaliased by Rust for the duration of this synchronous call.
+        std::slice::from_raw_parts_mut(
+            params.cast::<u8>().add(start as usize),
+            (end - start) as usize,
+        )
     };
     let mut timeout_ms = 0f64;
-    sys::napi_get_value_double(env, argv[3], &mut timeout_ms);
+    sys::napi_get_value_double(env, argv[5], &mut timeout_ms);
 
     let id = engine.call_raw(name, params, timeout_ms);
     let mut out = ptr::null_mut();
