@@ -84,6 +84,68 @@ function register(map, name, handler) {
 }
 
 /**
+ * The resolvers of pending calls, `{ id, resolve, reject }`, by id. The engine hands out ids in
+ * sequence, so a power-of-two ring indexed by an id's low bits holds nearly all of them: an
+ * array access per call instead of a Map's hashing, insertion, deletion and rehashing. An id
+ * whose slot is held by an older pending call goes to a Map; the ring doubles once that Map
+ * holds more than a quarter of its size, so a long-pending call never makes the ring chase ids.
+ */
+class PendingCalls {
+  constructor() {
+    this._ring = new Array(1024).fill(undefined)
+    this._mask = 1023
+    this._overflow = new Map()
+    this.size = 0
+  }
+
+  add(call) {
+    this._put(call)
+    this.size++
+    if (this._overflow.size > (this._mask + 1) >> 2) this._grow()
+  }
+
+  get(id) {
+    const call = this._ring[id & this._mask]
+    if (call !== undefined && call.id === id) return call
+    return this._overflow.size === 0 ? undefined : this._overflow.get(id)
+  }
+
+  /** Removes and returns the call with this id, if pending. */
+  take(id) {
+    const i = id & this._mask
+    const call = this._ring[i]
+    if (call !== undefined && call.id === id) {
+      this._ring[i] = undefined
+      this.size--
+      return call
+    }
+    if (this._overflow.size === 0) return undefined
+    const other = this._overflow.get(id)
+    if (other !== undefined) {
+      this._overflow.delete(id)
+      this.size--
+    }
+    return other
+  }
+
+  _put(call) {
+    const i = call.id & this._mask
+    if (this._ring[i] === undefined) this._ring[i] = call
+    else this._overflow.set(call.id, call)
+  }
+
+  _grow() {
+    const old = this._ring
+    const overflow = this._overflow
+    this._ring = new Array(old.length * 2).fill(undefined)
+    this._mask = this._ring.length - 1
+    this._overflow = new Map()
+    for (const call of old) if (call !== undefined) this._put(call)
+    for (const call of overflow.values()) this._put(call)
+  }
+}
+
+/**
  * One connection, both directions. Created by RpcClient.connect or by RpcServer for each
  * peer; the socket belongs to its native engine.
  */
@@ -92,7 +154,7 @@ class RpcConnection {
     this._server = server
     this._defaultTimeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS
     // Pending calls by id: Rust owns ids, matching and deadlines; JS keeps the resolvers.
-    const pending = new Map()
+    const pending = new PendingCalls()
     this._pending = pending
     // All answers of one read arrive as one array [id, result, id, result, ...], in the first
     // `len` bytes of SCRATCH or in a Buffer of its own. It is unpacked whole before any call
@@ -100,19 +162,13 @@ class RpcConnection {
     const deliver = (len, buffer) => {
       const values = buffer === undefined ? scratchUnpackr.unpack(SCRATCH, len) : packr.unpack(buffer)
       for (let i = 0; i < values.length; i += 2) {
-        const call = pending.get(values[i])
-        if (call !== undefined) {
-          pending.delete(values[i])
-          call.resolve(values[i + 1])
-        }
+        const call = pending.take(values[i])
+        if (call !== undefined) call.resolve(values[i + 1])
       }
     }
     const fail = (id, err) => {
-      const call = pending.get(id)
-      if (call !== undefined) {
-        pending.delete(id)
-        call.reject(err)
-      }
+      const call = pending.take(id)
+      if (call !== undefined) call.reject(err)
     }
     this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError, SCRATCH)
     // The per-call entry point, without napi-rs's method overhead (see src/fast.rs).
@@ -214,12 +270,11 @@ class RpcConnection {
       ? fastCall(this._handle, name, packed, packed.start, packed.end, timeoutMs)
       : this._native.invoke(name, packed.subarray(packed.start, packed.end), timeoutMs)
     if (id === 0) return Promise.reject(this._native.takeError())
-    const promise = new Promise((resolve, reject) => this._pending.set(id, { resolve, reject }))
+    const promise = new Promise((resolve, reject) => this._pending.add({ id, resolve, reject }))
     if (signal) {
       const onAbort = () => {
-        const call = this._pending.get(id)
-        if (call !== undefined && this._native.cancel(id)) {
-          this._pending.delete(id)
+        if (this._pending.get(id) !== undefined && this._native.cancel(id)) {
+          const call = this._pending.take(id)
           call.reject(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
           this._afterSettle()
         }

@@ -247,3 +247,31 @@ test('function names of every length around the 128-byte fast path arrive whole,
   // And a real function still answers after all that.
   t.is(await c.call('add', { a: 1, b: 2 }), 3)
 })
+
+test('calls pending for long, many at once and answered out of order all settle with their own results', async (t) => {
+  const c = await RpcClient.connect(worker.socket)
+  t.teardown(() => c.close())
+  // One call held while thousands of others pass: later ids land on its slot of the client's
+  // table of pending calls over and over.
+  const held = new AbortController()
+  const long = c.call('sleep', { ms: 60_000 }, { signal: held.signal })
+  for (let round = 0; round < 20; round++) {
+    const batch = Array.from({ length: 300 }, (_, i) => c.call('add', { a: round, b: i }))
+    t.deepEqual(
+      await Promise.all(batch),
+      batch.map((_, i) => round + i),
+    )
+  }
+  t.is(c.pendingCalls, 1)
+  // Many pending at once (the table grows), answered out of order: shorter sleeps first.
+  const sleeps = Array.from({ length: 3000 }, (_, i) => c.call('sleep', { ms: 100 - (i % 100) }))
+  const adds = Array.from({ length: 3000 }, (_, i) => c.call('add', { a: i, b: 1 }))
+  t.is(c.pendingCalls, 6001)
+  t.deepEqual(await Promise.all(adds), adds.map((_, i) => i + 1))
+  t.deepEqual(await Promise.all(sleeps), sleeps.map((_, i) => 100 - (i % 100)))
+  t.is(c.pendingCalls, 1)
+  held.abort()
+  await rejects(t, long, 'ERR_FERRY_CANCELLED')
+  t.is(c.pendingCalls, 0)
+  t.is(await c.call('add', { a: 1, b: 2 }), 3)
+})

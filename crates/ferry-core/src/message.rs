@@ -412,18 +412,20 @@ impl<'a> Reader<'a> {
     /// Skips one value without recursion; the count of values still to skip can never
     /// exceed the bytes left, which bounds the work for hostile lengths.
     fn skip_value(&mut self) -> DResult<()> {
-        self.skip_value_with(&mut |_| {})
+        self.skip_value_with(|_| {})
     }
 
     /// [`Reader::skip_value`], calling `on_f64` with the offset of every float64 marker.
-    fn skip_value_with(&mut self, on_f64: &mut dyn FnMut(usize)) -> DResult<()> {
+    /// Generic rather than `dyn`, so that the walk compiles without a call per value.
+    #[inline]
+    fn skip_value_with(&mut self, mut on_f64: impl FnMut(usize)) -> DResult<()> {
         let mut remaining: u64 = 1;
         while remaining > 0 {
             remaining -= 1;
-            if self.buf.get(self.pos) == Some(&0xcb) {
-                on_f64(self.pos);
-            }
             let m = self.u8()?;
+            if m == 0xcb {
+                on_f64(self.pos - 1);
+            }
             let (skip, children): (u64, u64) = match m {
                 0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
                 0x80..=0x8f => (0, 2 * (m & 0x0f) as u64),
@@ -465,7 +467,7 @@ impl<'a> Reader<'a> {
 pub fn normalize_whole_floats(bytes: &mut [u8]) -> Result<(), DecodeError> {
     let mut floats = Vec::new();
     let mut r = Reader::new(bytes);
-    r.skip_value_with(&mut |at| floats.push(at))?;
+    r.skip_value_with(|at| floats.push(at))?;
     if r.pos != bytes.len() {
         return Err(DecodeError::bad("trailing bytes after the value"));
     }
