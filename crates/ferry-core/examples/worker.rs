@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use ferry_core::router::{Context, HttpRequest, HttpResponse, Value};
-use ferry_core::{Rejection, Router, Server};
+use ferry_core::{ConnectionConfig, IoMode, Rejection, Router, Server};
 use serde::{de::IgnoredAny, Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -169,7 +169,13 @@ async fn main() {
     };
     // Keep panic output short: `panic {}` is called on purpose by the tests.
     std::panic::set_hook(Box::new(|info| eprintln!("worker: {info}")));
-    let server = match Server::bind(&path, router()).await {
+    // A blocked reader thread per connection answers a round trip about a quarter faster than
+    // the reactor on a 2-core machine (docs/benchmarks.md); a worker has few peers.
+    let config = ConnectionConfig {
+        io: IoMode::Threads,
+        ..ConnectionConfig::default()
+    };
+    let server = match Server::bind_with(&path, router(), config).await {
         Ok(s) => s.with_grace(Duration::from_secs(5)),
         Err(e) => {
             eprintln!("worker: {e}");

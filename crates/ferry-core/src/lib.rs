@@ -45,4 +45,4 @@ pub use engine::{Deadline, Engine, EngineConfig, Event, InvokeOutcome, InvokeRep
 pub use error::{Error, ErrorType, Result};
 pub use message::{Message, Payload, RequestId};
 pub use router::{Context, Rejection, Router};
-pub use rt::{CallOptions, Connection, ConnectionConfig, Server};
+pub use rt::{CallOptions, Connection, ConnectionConfig, IoMode, Server};

@@ -367,6 +367,48 @@ async fn a_failed_result_in_a_batch_leaves_the_other_answers_whole() {
     .await
 }
 
+fn threads() -> ConnectionConfig {
+    ConnectionConfig {
+        io: ferry_core::IoMode::Threads,
+        ..ConnectionConfig::default()
+    }
+}
+
+/// With `IoMode::Threads`, answers the socket cannot take at once go to the writer thread:
+/// a peer that reads late still gets every answer, whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn threads_mode_answers_a_peer_that_reads_late_in_order() {
+    within(async {
+        let (router, _events) = wire_router();
+        let server = TestServer::start_with(router, threads(), None).await;
+        let mut raw = RawClient::connect(&server.path).await;
+        // About 13 MB of answers, far beyond the socket buffers, before reading any.
+        let mut bytes = Vec::new();
+        for i in 0..200u64 {
+            bytes.extend(common::frame(&common::encode(&rpc_call(
+                "grow",
+                Value::from(64 * 1024 + i),
+                Value::from(i),
+            ))));
+        }
+        raw.send_bytes(&bytes).await;
+        for i in 0..200u64 {
+            let msg = raw.recv().await;
+            assert_eq!(
+                msg["request_id"],
+                Value::from(i),
+                "answers keep their order"
+            );
+            assert_eq!(
+                msg["result"].as_str().map(str::len),
+                Some(64 * 1024 + i as usize)
+            );
+        }
+        assert_serves(&mut raw).await;
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // JSON bodies, bad bodies, unknown types
 
@@ -1131,7 +1173,8 @@ async fn cancel_of_a_duplicate_id_reaches_the_most_recent_call() {
 
 /// Accepts one connection on a fresh socket and hands back a raw client over it, with a
 /// `Connection` connected to it.
-async fn fake_peer(config: ConnectionConfig) -> (tempfile::TempDir, RawClient, Connection) {
+async fn fake_peer(mut config: ConnectionConfig) -> (tempfile::TempDir, RawClient, Connection) {
+    config.io = common::io_mode();
     let (dir, path) = common::socket_path();
     let listener = UnixListener::bind(&path).unwrap();
     let conn = Connection::connect_with(&path, Router::new(), config)

@@ -9,5 +9,5 @@
 mod connection;
 mod server;
 
-pub use connection::{CallOptions, Connection, ConnectionConfig};
+pub use connection::{CallOptions, Connection, ConnectionConfig, IoMode};
 pub use server::Server;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_core::router::Value;
-use ferry_core::{ConnectionConfig, Router, Server};
+use ferry_core::{ConnectionConfig, IoMode, Router, Server};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -33,6 +33,15 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
             "gave up waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The I/O mode of the connections under test: `FERRY_TEST_IO=threads` runs the suites with
+/// [`IoMode::Threads`] (`npm test` runs them both ways), anything else with the default.
+pub fn io_mode() -> IoMode {
+    match std::env::var("FERRY_TEST_IO").as_deref() {
+        Ok("threads") => IoMode::Threads,
+        _ => IoMode::Reactor,
     }
 }
 
@@ -75,13 +84,17 @@ impl TestServer {
         s
     }
 
-    /// Binds a server at `path` (the caller owns the directory).
+    /// Binds a server at `path` (the caller owns the directory), its connections in the
+    /// [`io_mode`] under test unless `config` asks for [`IoMode::Threads`].
     pub async fn start_at(
         path: &Path,
         router: Router,
-        config: ConnectionConfig,
+        mut config: ConnectionConfig,
         grace: Option<Duration>,
     ) -> ferry_core::Result<TestServer> {
+        if config.io == IoMode::Reactor {
+            config.io = io_mode();
+        }
         let mut server = Server::bind_with(path, router, config).await?;
         if let Some(g) = grace {
             server = server.with_grace(g);
