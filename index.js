@@ -250,12 +250,6 @@ class RpcConnection {
     if (signal?.aborted) {
       return Promise.reject(new RpcError('call cancelled', 'ERR_FERRY_CANCELLED', undefined, { cause: signal.reason }))
     }
-    let packed
-    try {
-      packed = packInPlace(value)
-    } catch (e) {
-      return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
-    }
     const timeoutMs = options?.timeoutMs ?? this._defaultTimeoutMs
     if (typeof timeoutMs !== 'number' || Number.isNaN(timeoutMs)) {
       const err = new TypeError(`timeoutMs must be a number, got ${typeof timeoutMs === 'number' ? 'NaN' : typeof timeoutMs}`)
@@ -265,6 +259,14 @@ class RpcConnection {
     if (timeoutMs < 0) {
       // A deadline already in the past (a computed budget that ran out) fails at once.
       return Promise.reject(new RpcError(`call timed out: timeoutMs is ${timeoutMs}`, 'ERR_FERRY_TIMEOUT'))
+    }
+    // Packed last: the bytes are only valid until the next pack (user code, such as a getter
+    // of `options`, could pack in between).
+    let packed
+    try {
+      packed = packInPlace(value)
+    } catch (e) {
+      return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
     }
     const id = isCall
       ? fastCall(this._handle, name, packed, packed.start, packed.end, timeoutMs)

@@ -53,12 +53,10 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// A deadline `timeout` from now.
-    pub fn after(timeout: Duration) -> Deadline {
-        Deadline {
-            at: Instant::now() + timeout,
-            timeout,
-        }
+    /// A deadline `timeout` after `now`; `None` when that instant is beyond what the clock can
+    /// represent (a timeout that large means no deadline).
+    pub fn after(now: Instant, timeout: Duration) -> Option<Deadline> {
+        now.checked_add(timeout).map(|at| Deadline { at, timeout })
     }
 }
 
@@ -1058,7 +1056,7 @@ mod tests {
         e.call(
             "a",
             &[0xc0],
-            Some(Deadline::after(Duration::from_secs(1))),
+            Deadline::after(Instant::now(), Duration::from_secs(1)),
             1,
         )
         .unwrap();

@@ -164,10 +164,15 @@ type CallFn = dyn Fn(Context, Payload) -> BoxFuture<Result<Payload, Rejection>> 
 type SyncFn = dyn Fn(&Payload, &mut Vec<u8>) -> Result<(), Rejection> + Send + Sync;
 type RouteFn = dyn Fn(Context, Payload) -> BoxFuture<Result<HttpResponse, Rejection>> + Send + Sync;
 
+/// A function over raw MessagePack: its result is spliced into the answer without a copy.
+type PayloadFn = dyn Fn(Payload) -> Result<Payload, Rejection> + Send + Sync;
+
 #[derive(Clone)]
 enum Function {
     /// Called in place by [`Router::dispatch_into`]: no future, no allocation of its own.
     Sync(Arc<SyncFn>),
+    /// Called in place too; its result goes out as it is.
+    Payload(Arc<PayloadFn>),
     Async(Arc<CallFn>),
 }
 
@@ -176,6 +181,9 @@ pub enum Dispatched {
     /// The function ran to completion; on `Ok` its MessagePack result was appended to the
     /// buffer, on `Err` the buffer is as it was.
     Done(Result<(), Rejection>),
+    /// A [`Router::payload_fn`] ran to completion and returned these bytes (the buffer is
+    /// untouched).
+    Value(Payload),
     /// The function is asynchronous: this future (not polled yet) produces the result.
     Future(CallFuture),
 }
@@ -326,10 +334,8 @@ impl Router {
     {
         self.functions.insert(
             name.to_owned(),
-            Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
-                let r = f(params.clone()).map_err(IntoRejection::into_rejection)?;
-                out.extend_from_slice(r.as_bytes());
-                Ok(())
+            Function::Payload(Arc::new(move |params: Payload| {
+                f(params).map_err(IntoRejection::into_rejection)
             })),
         );
         self
@@ -383,14 +389,18 @@ impl Router {
                     Ok(Payload::from_encoded(out))
                 })
             }
+            Some(Function::Payload(f)) => {
+                let f = f.clone();
+                Box::pin(async move { f(params) })
+            }
             None => Box::pin(std::future::ready(Err(not_found(name)))),
         }
     }
 
     /// Runs the named function as cheaply as it can be run: a synchronous one (registered
-    /// with [`Router::sync_fn`], [`Router::payload_fn`] or [`Router::raw_fn`]) runs right
-    /// here and appends its encoded result to `out`, with no future and no allocation of its
-    /// own; an asynchronous one gets its [`Context`] from `ctx` and is returned as a future,
+    /// with [`Router::sync_fn`] or [`Router::raw_fn`]) runs right here and appends its encoded
+    /// result to `out`, with no future and no allocation of its own; a
+    /// [`Router::payload_fn`] runs right here and its result is returned as is; an asynchronous one gets its [`Context`] from `ctx` and is returned as a future,
     /// not polled yet. User code may panic inside this call: drivers catch it (and then cut
     /// `out` back to its length before the call).
     pub fn dispatch_into(
@@ -409,6 +419,10 @@ impl Router {
                 }
                 Dispatched::Done(r)
             }
+            Some(Function::Payload(f)) => match f(params) {
+                Ok(result) => Dispatched::Value(result),
+                Err(rejection) => Dispatched::Done(Err(rejection)),
+            },
             Some(Function::Async(f)) => Dispatched::Future(f(ctx(), params)),
             None => Dispatched::Done(Err(not_found(name))),
         }

@@ -325,3 +325,105 @@ async fn close_settles_pending_calls_with_closed() {
     })
     .await
 }
+
+/// Graceful shutdown waits for a synchronous function that is running (it runs on the
+/// connection's reader, with no task of its own) and sends its answer before closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_waits_for_a_running_sync_function() {
+    within(async {
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, gate_rx) = (
+            std::sync::Mutex::new(started_tx),
+            std::sync::Mutex::new(gate_rx),
+        );
+        let router = plain_router().sync_fn("blocking", move |_: IgnoredAny| {
+            let _ = started_tx.lock().unwrap().send(());
+            let _ = gate_rx.lock().unwrap().recv();
+            Ok::<_, String>("done")
+        });
+        let mut server = TestServer::start_with(
+            router,
+            ConnectionConfig::default(),
+            Some(Duration::from_secs(10)),
+        )
+        .await;
+        let conn = Connection::connect_with(&server.path, Router::new(), no_timeout())
+            .await
+            .unwrap();
+        assert_serves(&conn).await;
+        let other = Connection::connect_with(&server.path, Router::new(), no_timeout())
+            .await
+            .unwrap();
+        assert_serves(&other).await;
+
+        let call = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call::<_, String>("blocking", &()).await }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        server.signal_stop();
+        // The server shuts its connections down in the order it accepted them: once the later,
+        // idle one refuses calls or is closed, the first is waiting for its running call (or,
+        // wrongly, closed already).
+        while other
+            .call::<_, i64>("add", &json!({"a": 1, "b": 1}))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        gate_tx.send(()).unwrap();
+        assert_eq!(call.await.unwrap().unwrap(), "done");
+        server.stop().await.unwrap();
+    })
+    .await
+}
+
+/// A server whose tokio runtime goes away ends its connections (in either I/O mode): a call
+/// it was running is not left waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_runtime_that_shuts_down_ends_its_connections() {
+    within(async {
+        for io in [ferry_core::IoMode::Reactor, ferry_core::IoMode::Threads] {
+            let (dir, path) = socket_path();
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let server_path = path.clone();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.spawn(async move {
+                let (router, _events) = router(Arc::new(Notify::new()));
+                let config = ConnectionConfig {
+                    io,
+                    ..Default::default()
+                };
+                let server = Server::bind_with(&server_path, router, config)
+                    .await
+                    .unwrap();
+                let _ = ready_tx.send(());
+                server.run_until(std::future::pending::<()>()).await
+            });
+            ready_rx.await.unwrap();
+            let conn = Connection::connect_with(&path, Router::new(), no_timeout())
+                .await
+                .unwrap();
+            assert_serves(&conn).await;
+            let held = tokio::spawn({
+                let conn = conn.clone();
+                async move { conn.call::<_, String>("gated", &()).await }
+            });
+            wait_until("the call is pending", || conn.pending_calls() == 1).await;
+            rt.shutdown_background();
+            let err = held.await.unwrap().unwrap_err();
+            assert_eq!(err.code(), "ERR_FERRY_CONNECTION_LOST", "{io:?}: {err:?}");
+            drop(dir);
+        }
+    })
+    .await
+}

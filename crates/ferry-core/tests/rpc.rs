@@ -536,6 +536,33 @@ async fn short_timeouts_fire_while_a_longer_one_is_pending() {
     .await
 }
 
+/// Timeouts too large for the clock mean no deadline: the call is simply made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timeouts_beyond_the_clock_mean_no_deadline() {
+    within(async {
+        let server = TestServer::start(worker_router()).await;
+        let config = ConnectionConfig {
+            default_timeout: Some(Duration::MAX),
+            ..Default::default()
+        };
+        let conn = Connection::connect_with(&server.path, Router::new(), config)
+            .await
+            .unwrap();
+        let sum: i64 = conn.call("add", &json!({"a": 1, "b": 2})).await.unwrap();
+        assert_eq!(sum, 3);
+        let sum: i64 = conn
+            .call_with(
+                "add",
+                &json!({"a": 2, "b": 2}),
+                CallOptions::timeout(Duration::from_secs(u64::MAX)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sum, 4);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_default_timeout_applies() {
     within(async {

@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -170,13 +171,12 @@ impl Connection {
             IoMode::Reactor => Io::Reactor(stream),
             // The reactor's registration goes with `stream`; the threads use a duplicate,
             // made blocking. Without a descriptor to spare, the connection stays on the reactor.
-            IoMode::Threads => match socket2::SockRef::from(&stream).try_clone() {
+            IoMode::Threads => match socket2::SockRef::from(&stream)
+                .try_clone()
+                .and_then(|sock| sock.set_nonblocking(false).map(|()| sock))
+            {
                 Ok(sock) => {
                     drop(stream);
-                    if let Err(e) = sock.set_nonblocking(false) {
-                        // Reads then fail at once and end the connection with the reason.
-                        tracing::debug!("ferry: cannot make the socket blocking: {e}");
-                    }
                     Io::Threads {
                         sock: std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(
                             sock,
@@ -294,10 +294,11 @@ impl Connection {
         ) -> std::result::Result<u64, (Error, Reply)>,
     ) -> Result<Started> {
         let (tx, rx) = oneshot::channel();
+        // On tokio's clock, like the timer that enforces it (so a paused test clock works).
         let deadline = options
             .timeout
             .or(self.shared.default_timeout)
-            .map(Deadline::after);
+            .and_then(|t| Deadline::after(now(), t));
         let id = {
             let mut st = self.shared.state.lock();
             let id = start(&mut st.engine, deadline, tx).map_err(|(e, _)| e)?;
@@ -416,10 +417,9 @@ fn finish(shared: &Arc<Shared>, lost: Option<String>) {
         let _ = tx.send(Err(e));
     }
     shared.done.cancel();
-    if let Io::Threads { sock, .. } = &shared.io {
-        // Wakes the reader thread from its blocked `read`; writing goes on until flushed.
-        let _ = sock.shutdown(std::net::Shutdown::Read);
-    }
+    // With `IoMode::Threads`, the writer thread flushes what is queued, then shuts the socket
+    // down, which wakes the reader thread from its `read`. (Shutting the read side at once
+    // would make the peer's writes fail before it has read our last answers.)
     shared.wake_writer();
 }
 
@@ -563,6 +563,7 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
         calls,
         ran,
         results,
+        pending,
     } = scratch;
     let mut fatal = None;
     {
@@ -610,6 +611,8 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
     for (tx, r) in settled.drain(..) {
         let _ = tx.send(r);
     }
+    // Graceful shutdown waits for the calls of this read until they are answered.
+    let running = (!calls.is_empty()).then(|| shared.handlers.token());
     // Handlers run without the state lock: one may call the peer back on this connection.
     // Synchronous ones append their results to `results`, answered below in one go.
     ran.extend(calls.drain(..).map(|(rid, name, params)| {
@@ -621,14 +624,24 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
         for (rid, name, outcome) in ran.drain(..) {
             match outcome {
                 Ran::Encoded(range) => st.engine.respond(&rid, Ok(&results[range])),
+                Ran::Value(result) => st.engine.respond(&rid, Ok(result.as_bytes())),
                 Ran::Done(outcome) => respond_call(&mut st.engine, &rid, &name, outcome),
-                Ran::Pending(fut, token) => spawn_call(shared, &mut st, rid, name, fut, token),
+                Ran::Pending(fut, token) => pending.push((rid, name, fut, token)),
             }
         }
-        results.clear();
         // Answers produced inline go out now, from this task: no hand-off to the writer.
         try_flush(&shared.io, &mut st)
     };
+    drop(running);
+    results.clear();
+    if results.capacity() > 1 << 20 {
+        *results = Vec::new();
+    }
+    // Spawned without the lock: spawning onto a runtime that is shutting down drops the
+    // future at once, and dropping a future may take the lock (a call it made cancels itself).
+    for (rid, name, fut, token) in pending.drain(..) {
+        spawn_call(shared, rid, name, fut, token);
+    }
     match flushed {
         Ok(true) => {}
         Ok(false) => shared.wake_writer(),
@@ -645,6 +658,13 @@ struct Scratch {
     ran: Vec<(RequestId, ByteString, Ran)>,
     /// The encoded results of the synchronous functions run for one read.
     results: Vec<u8>,
+    /// Calls of one read that continue on their own task.
+    pending: Vec<(
+        RequestId,
+        ByteString,
+        crate::router::CallFuture,
+        TaskTrackerToken,
+    )>,
 }
 
 type CallOutcome =
@@ -653,6 +673,8 @@ type CallOutcome =
 enum Ran {
     /// A synchronous function's result: these bytes of the scratch `results`.
     Encoded(Range<usize>),
+    /// A [`Router::payload_fn`]'s result, spliced into the answer as is.
+    Value(Payload),
     Done(CallOutcome),
     /// Not finished on the first poll; the token keeps graceful shutdown waiting for it from
     /// before that poll until its task ends.
@@ -682,6 +704,7 @@ fn run_call(
     }));
     let mut fut = match dispatched {
         Ok(Dispatched::Done(Ok(()))) => return Ran::Encoded(start..results.len()),
+        Ok(Dispatched::Value(result)) => return Ran::Value(result),
         Ok(Dispatched::Done(Err(rejection))) => return Ran::Done(Ok(Err(rejection))),
         Ok(Dispatched::Future(fut)) => fut,
         Err(panic) => {
@@ -719,24 +742,26 @@ fn respond_call(
 
 fn spawn_call(
     shared: &Arc<Shared>,
-    st: &mut State,
     request_id: RequestId,
     name: ByteString,
     fut: crate::router::CallFuture,
     token: TaskTrackerToken,
 ) {
-    if st.engine.is_closed() {
+    if shared.done.is_cancelled() {
         // Closed while the first poll ran: nobody will read the answer.
         return;
     }
     let task_shared = shared.clone();
     let rid = request_id.clone();
-    // The state lock is held while spawning, so the task cannot remove its `running` entry
-    // before it is inserted.
+    // Set under the lock when the task has answered, so that its `running` entry is only
+    // inserted (below, under the lock too) while the task still runs.
+    let answered = Arc::new(AtomicBool::new(false));
+    let task_answered = answered.clone();
     let handle = tokio::spawn(async move {
         let _token = token;
         let outcome = AssertUnwindSafe(fut).catch_unwind().await;
         let mut st = task_shared.state.lock();
+        task_answered.store(true, Ordering::Relaxed);
         // A peer may reuse an id; only remove the entry if it is still this task's.
         if st
             .running
@@ -749,7 +774,10 @@ fn spawn_call(
         drop(st);
         task_shared.wake_writer();
     });
-    st.running.insert(request_id, handle.abort_handle());
+    let mut st = shared.state.lock();
+    if !answered.load(Ordering::Relaxed) && !st.engine.is_closed() {
+        st.running.insert(request_id, handle.abort_handle());
+    }
 }
 
 fn spawn_invoke(shared: &Arc<Shared>, reply: InvokeReply, request: Payload) {
@@ -813,11 +841,28 @@ fn spawn_invoke(shared: &Arc<Shared>, reply: InvokeReply, request: Payload) {
     });
 }
 
+/// Now, on tokio's clock (which a test may pause and advance), as a std `Instant`.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Settles the calls whose deadline passed with [`Error::Timeout`] (the engine queues their
 /// `cancel`), sleeping until the earliest deadline of a pending call. One task per connection
 /// instead of a timer per call: a call only wakes it when its deadline is earlier than the
 /// one it sleeps until.
 async fn timer_loop(shared: Arc<Shared>) {
+    /// Ends the connection if the runtime drops this task (it is shutting down): with
+    /// [`IoMode::Threads`] the threads would otherwise serve on with no timer and no runtime
+    /// for async functions.
+    struct EndWithRuntime(Arc<Shared>);
+    impl Drop for EndWithRuntime {
+        fn drop(&mut self) {
+            if !self.0.done.is_cancelled() {
+                finish(&self.0, Some("the tokio runtime shut down".into()));
+            }
+        }
+    }
+    let _end = EndWithRuntime(shared.clone());
     loop {
         let at = {
             let mut st = shared.state.lock();
@@ -825,19 +870,21 @@ async fn timer_loop(shared: Arc<Shared>) {
             st.timer_at = at;
             at
         };
-        let expired = match at {
+        let due = match at {
             None => tokio::select! {
-                _ = shared.wake_timer.notified() => false,
+                _ = shared.wake_timer.notified() => None,
                 _ = shared.done.cancelled() => return,
             },
             Some(at) => tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => true,
-                _ = shared.wake_timer.notified() => false,
+                _ = tokio::time::sleep_until(at.into()) => Some(at),
+                _ = shared.wake_timer.notified() => None,
                 _ = shared.done.cancelled() => return,
             },
         };
-        if expired {
-            let timed_out = shared.state.lock().engine.expire(Instant::now());
+        if let Some(at) = due {
+            // The timer fired for `at`: that deadline is due even if the clock reads a hair
+            // earlier, or a paused test clock would make this loop spin.
+            let timed_out = shared.state.lock().engine.expire(now().max(at));
             if !timed_out.is_empty() {
                 shared.wake_writer();
             }
@@ -955,7 +1002,6 @@ fn read_thread(shared: Arc<Shared>) {
 /// After close it flushes what is queued (giving up after [`CLOSE_FLUSH`] on a peer that
 /// does not read), then shuts the socket down.
 fn write_thread(shared: Arc<Shared>) {
-    use std::io::Write;
     let Io::Threads { sock, wake } = &shared.io else {
         return;
     };
@@ -971,7 +1017,9 @@ fn write_thread(shared: Arc<Shared>) {
             st.writing = true;
             let failed = parking_lot::MutexGuard::unlocked(&mut st, || {
                 while at < bytes.len() {
-                    match (&*sock).write(&bytes[at..]) {
+                    match socket2::SockRef::from(sock)
+                        .send_with_flags(&bytes[at..], libc::MSG_NOSIGNAL)
+                    {
                         Ok(n) => at += n,
                         Err(e)
                             if matches!(
