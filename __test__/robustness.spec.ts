@@ -126,12 +126,34 @@ test('RpcServer.listen works near the socket path limit and refuses paths beyond
   t.is((e as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_VALUE')
 })
 
-test('the raw fastCall entry point refuses anything but an engine handle', (t) => {
+test('the raw fastCall and fastReply entry points refuse anything but an engine handle', (t) => {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const native = require('../native.js') as { fastCall: (...args: unknown[]) => number }
+  const native = require('../native.js') as {
+    fastCall: (...args: unknown[]) => number
+    fastReply: (...args: unknown[]) => void
+  }
   for (const bogus of [{}, null, 42, Buffer.alloc(8), client]) {
     t.throws(() => native.fastCall(bogus, 'add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
+    t.throws(() => native.fastReply(bogus, 0, Buffer.from([0xc0]), 0, 1), { instanceOf: TypeError })
   }
+})
+
+test('the raw fastReply entry point refuses a bad range or a token that is not pending', async (t) => {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const native = require('../native.js') as { fastReply: (...args: unknown[]) => void }
+  const handle = (client as unknown as { _handle: unknown })._handle
+  const result = pack(3)
+  for (const [start, end] of [
+    [1, 0],
+    [0, result.length + 1],
+    ['0', 1],
+  ]) {
+    t.throws(() => native.fastReply(handle, 0, result, start, end), { instanceOf: TypeError }, `${start}..${end}`)
+  }
+  t.throws(() => native.fastReply(handle, 'x', result, 0, result.length), { instanceOf: TypeError })
+  // No call of the peer is pending on this client: the token is unknown.
+  t.throws(() => native.fastReply(handle, 12345, result, 0, result.length), { message: /unknown call token/ })
+  t.is(await client.call('add', { a: 1, b: 2 }), 3)
 })
 
 test('the raw fastCall entry point refuses a byte range outside its buffer', async (t) => {

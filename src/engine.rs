@@ -489,9 +489,14 @@ impl NativeEngine {
     /// Answers the peer's call `token` with a MessagePack-encoded result.
     #[napi]
     pub fn reply(&mut self, token: u32, mut result: BufferSlice) -> Result<()> {
+        self.reply_raw(token, &mut result)
+    }
+
+    /// `reply`'s work, shared with the raw `fastReply` entry point.
+    pub(crate) fn reply_raw(&mut self, token: u32, result: &mut [u8]) -> Result<()> {
         let id = self.take_call(token)?;
-        match normalize_whole_floats(&mut result) {
-            Ok(()) => self.engine.respond(&id, Ok(&result)),
+        match normalize_whole_floats(result) {
+            Ok(()) => self.engine.respond(&id, Ok(result)),
             Err(e) => {
                 let msg = format!("the result is not one MessagePack value: {e}");
                 self.engine.respond(&id, Err((&msg, &ErrorType::Internal)));

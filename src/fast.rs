@@ -34,6 +34,106 @@ unsafe fn throw(env: sys::napi_env, msg: &str) -> sys::napi_value {
     ptr::null_mut()
 }
 
+/// The engine behind a type-tagged handle, or `None` (with a TypeError thrown) for anything
+/// else.
+unsafe fn engine_of<'a>(
+    env: sys::napi_env,
+    handle: sys::napi_value,
+    what: &str,
+) -> Option<&'a mut NativeEngine> {
+    let mut tagged = false;
+    if sys::napi_check_object_type_tag(env, handle, &ENGINE_TAG, &mut tagged)
+        != sys::Status::napi_ok
+        || !tagged
+    {
+        throw(env, &format!("{what}: not an engine handle"));
+        return None;
+    }
+    let mut data: *mut c_void = ptr::null_mut();
+    sys::napi_get_value_external(env, handle, &mut data);
+    // SAFETY: only `make_handle` tags externals with ENGINE_TAG, over a live engine. The
+    // wrapper keeps the NativeEngine object alive as long as it uses the handle, and no borrow
+    // of the engine is live when JS runs (see the note on `impl Driver` in engine.rs):
+    // handlers run from `onSocket` may call in at once.
+    Some(&mut *(data as *mut NativeEngine))
+}
+
+/// The bytes `buffer[start..end]` of the arguments at `at`, `at + 1`, `at + 2`, or `None`
+/// (with a TypeError thrown) if they are not a Buffer and a range within it.
+unsafe fn byte_range<'a>(
+    env: sys::napi_env,
+    argv: &[sys::napi_value],
+    at: usize,
+    what: &str,
+) -> Option<&'a mut [u8]> {
+    let mut data: *mut c_void = ptr::null_mut();
+    let mut len = 0usize;
+    if sys::napi_get_buffer_info(env, argv[at], &mut data, &mut len) != sys::Status::napi_ok {
+        throw(env, &format!("{what}: params must be a Buffer"));
+        return None;
+    }
+    let (mut start, mut end) = (0u32, 0u32);
+    if sys::napi_get_value_uint32(env, argv[at + 1], &mut start) != sys::Status::napi_ok
+        || sys::napi_get_value_uint32(env, argv[at + 2], &mut end) != sys::Status::napi_ok
+        || start > end
+        || end as usize > len
+    {
+        throw(
+            env,
+            &format!("{what}: start and end must delimit bytes of the buffer"),
+        );
+        return None;
+    }
+    if start == end {
+        return Some(&mut []);
+    }
+    // SAFETY: `start..end` lies within the buffer's `len` bytes (checked above), which stay
+    // alive and unaliased by Rust for the duration of this synchronous call.
+    Some(std::slice::from_raw_parts_mut(
+        data.cast::<u8>().add(start as usize),
+        (end - start) as usize,
+    ))
+}
+
+/// `fastReply(handle, token, buffer, start, end)`: `NativeEngine#reply` with the result
+/// `buffer[start..end]`, without napi-rs's per-call overhead (the answer to every call the
+/// peer makes crosses here). Throws like `reply` for a token that is not pending.
+unsafe extern "C" fn fast_reply(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+) -> sys::napi_value {
+    let mut argc = 5usize;
+    let mut argv = [ptr::null_mut(); 5];
+    sys::napi_get_cb_info(
+        env,
+        info,
+        &mut argc,
+        argv.as_mut_ptr(),
+        ptr::null_mut(),
+        ptr::null_mut(),
+    );
+    if argc < 5 {
+        return throw(env, "fastReply(handle, token, buffer, start, end)");
+    }
+    let Some(engine) = engine_of(env, argv[0], "fastReply") else {
+        return ptr::null_mut();
+    };
+    let mut token = 0u32;
+    if sys::napi_get_value_uint32(env, argv[1], &mut token) != sys::Status::napi_ok {
+        return throw(env, "fastReply: token must be a number");
+    }
+    let Some(result) = byte_range(env, &argv, 2, "fastReply") else {
+        return ptr::null_mut();
+    };
+    if let Err(e) = engine.reply_raw(token, result) {
+        let mut m = Vec::with_capacity(e.reason.len() + 1);
+        m.extend_from_slice(e.reason.as_bytes());
+        m.push(0);
+        sys::napi_throw_error(env, ptr::null(), m.as_ptr().cast());
+    }
+    ptr::null_mut()
+}
+
 /// `fastCall(handle, name, buffer, start, end, timeoutMs)`: `NativeEngine#call` with the
 /// params `buffer[start..end]`, without napi-rs's per-call overhead. Returns the call id, or 0
 /// when the call failed at once.
@@ -54,19 +154,9 @@ unsafe extern "C" fn fast_call(
     if argc < 6 {
         return throw(env, "fastCall(handle, name, buffer, start, end, timeoutMs)");
     }
-    let mut tagged = false;
-    if sys::napi_check_object_type_tag(env, argv[0], &ENGINE_TAG, &mut tagged)
-        != sys::Status::napi_ok
-        || !tagged
-    {
-        return throw(env, "fastCall: not an engine handle");
-    }
-    let mut data: *mut c_void = ptr::null_mut();
-    sys::napi_get_value_external(env, argv[0], &mut data);
-    // The wrapper keeps the NativeEngine object alive as long as it uses the handle, and no
-    // borrow of the engine is live when JS runs (see the note on `impl Driver` in engine.rs):
-    // handlers run from `onSocket` may call this at once.
-    let engine = &mut *(data as *mut NativeEngine);
+    let Some(engine) = engine_of(env, argv[0], "fastCall") else {
+        return ptr::null_mut();
+    };
 
     // The name: copied onto the stack in one call. V8 never writes part of a character, so a
     // copy that stopped within 4 bytes of the end may be cut short: only then is the name
@@ -101,32 +191,8 @@ unsafe extern "C" fn fast_call(
     };
     let name = std::str::from_utf8_unchecked(&buf[..copied]);
 
-    let mut params: *mut c_void = ptr::null_mut();
-    let mut params_len = 0usize;
-    if sys::napi_get_buffer_info(env, argv[2], &mut params, &mut params_len) != sys::Status::napi_ok
-    {
-        return throw(env, "fastCall: params must be a Buffer");
-    }
-    let (mut start, mut end) = (0u32, 0u32);
-    if sys::napi_get_value_uint32(env, argv[3], &mut start) != sys::Status::napi_ok
-        || sys::napi_get_value_uint32(env, argv[4], &mut end) != sys::Status::napi_ok
-        || start > end
-        || end as usize > params_len
-    {
-        return throw(
-            env,
-            "fastCall: start and end must delimit bytes of the buffer",
-        );
-    }
-    let params: &mut [u8] = if start == end {
-        &mut []
-    } else {
-        // SAFETY: `start..end` lies within the buffer's `params_len` bytes (checked above),
-        // which stay alive and unaliased by Rust for the duration of this synchronous call.
-        std::slice::from_raw_parts_mut(
-            params.cast::<u8>().add(start as usize),
-            (end - start) as usize,
-        )
+    let Some(params) = byte_range(env, &argv, 2, "fastCall") else {
+        return ptr::null_mut();
     };
     let mut timeout_ms = 0f64;
     sys::napi_get_value_double(env, argv[5], &mut timeout_ms);
@@ -156,21 +222,24 @@ pub(crate) fn make_handle(
 
 #[napi(module_exports)]
 pub fn init(mut exports: Object, env: Env) -> Result<()> {
-    let mut f = ptr::null_mut();
-    let name = "fastCall";
-    crate::raw::check(
-        unsafe {
-            sys::napi_create_function(
-                env.raw(),
-                name.as_ptr().cast(),
-                name.len() as isize,
-                Some(fast_call),
-                ptr::null_mut(),
-                &mut f,
-            )
-        },
-        "napi_create_function",
-    )?;
-    exports.set_named_property(name, unsafe { Unknown::from_raw_unchecked(env.raw(), f) })?;
+    type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
+    let entries: [(&str, Callback); 2] = [("fastCall", fast_call), ("fastReply", fast_reply)];
+    for (name, callback) in entries {
+        let mut f = ptr::null_mut();
+        crate::raw::check(
+            unsafe {
+                sys::napi_create_function(
+                    env.raw(),
+                    name.as_ptr().cast(),
+                    name.len() as isize,
+                    Some(callback),
+                    ptr::null_mut(),
+                    &mut f,
+                )
+            },
+            "napi_create_function",
+        )?;
+        exports.set_named_property(name, unsafe { Unknown::from_raw_unchecked(env.raw(), f) })?;
+    }
     Ok(())
 }
