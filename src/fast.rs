@@ -34,6 +34,30 @@ unsafe fn throw(env: sys::napi_env, msg: &str) -> sys::napi_value {
     ptr::null_mut()
 }
 
+/// The first `N` arguments of a call, or `None` (with a TypeError naming `usage` thrown) when
+/// fewer were passed.
+unsafe fn args<const N: usize>(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+    usage: &str,
+) -> Option<[sys::napi_value; N]> {
+    let mut argc = N;
+    let mut argv = [ptr::null_mut(); N];
+    sys::napi_get_cb_info(
+        env,
+        info,
+        &mut argc,
+        argv.as_mut_ptr(),
+        ptr::null_mut(),
+        ptr::null_mut(),
+    );
+    if argc < N {
+        throw(env, usage);
+        return None;
+    }
+    Some(argv)
+}
+
 /// The engine behind a type-tagged handle, or `None` (with a TypeError thrown) for anything
 /// else.
 unsafe fn engine_of<'a>(
@@ -102,19 +126,9 @@ unsafe extern "C" fn fast_reply(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let mut argc = 5usize;
-    let mut argv = [ptr::null_mut(); 5];
-    sys::napi_get_cb_info(
-        env,
-        info,
-        &mut argc,
-        argv.as_mut_ptr(),
-        ptr::null_mut(),
-        ptr::null_mut(),
-    );
-    if argc < 5 {
-        return throw(env, "fastReply(handle, token, buffer, start, end)");
-    }
+    let Some(argv) = args::<5>(env, info, "fastReply(handle, token, buffer, start, end)") else {
+        return ptr::null_mut();
+    };
     let Some(engine) = engine_of(env, argv[0], "fastReply") else {
         return ptr::null_mut();
     };
@@ -141,19 +155,13 @@ unsafe extern "C" fn fast_call(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let mut argc = 6usize;
-    let mut argv = [ptr::null_mut(); 6];
-    sys::napi_get_cb_info(
+    let Some(argv) = args::<6>(
         env,
         info,
-        &mut argc,
-        argv.as_mut_ptr(),
-        ptr::null_mut(),
-        ptr::null_mut(),
-    );
-    if argc < 6 {
-        return throw(env, "fastCall(handle, name, buffer, start, end, timeoutMs)");
-    }
+        "fastCall(handle, name, buffer, start, end, timeoutMs)",
+    ) else {
+        return ptr::null_mut();
+    };
     let Some(engine) = engine_of(env, argv[0], "fastCall") else {
         return ptr::null_mut();
     };
