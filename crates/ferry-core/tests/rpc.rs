@@ -536,6 +536,42 @@ async fn short_timeouts_fire_while_a_longer_one_is_pending() {
     .await
 }
 
+/// Deadlines follow tokio's clock: with the clock paused (as tests of timeouts do), a call's
+/// timeout fires when the runtime advances to it, without waiting in real time and without the
+/// connection's timer spinning. Runs on its own thread so that a regression fails instead of
+/// hanging the suite.
+#[test]
+fn timeouts_follow_a_paused_tokio_clock() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let outcome = rt.block_on(async {
+            let gate = Arc::new(Notify::new());
+            let (router, _events) = with_gated(worker_router(), gate);
+            let server = TestServer::start(router).await;
+            let conn = Connection::connect(&server.path).await.unwrap();
+            conn.call_with::<_, String>(
+                "gated",
+                &(),
+                CallOptions::timeout(Duration::from_secs(600)),
+            )
+            .await
+        });
+        let _ = tx.send(outcome);
+    });
+    let outcome = rx
+        .recv_timeout(common::TEST_LIMIT)
+        .expect("a timeout on a paused clock fires once the runtime advances to it");
+    assert!(
+        matches!(outcome, Err(Error::Timeout(t)) if t == Duration::from_secs(600)),
+        "{outcome:?}"
+    );
+}
+
 /// Timeouts too large for the clock mean no deadline: the call is simply made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn timeouts_beyond_the_clock_mean_no_deadline() {
