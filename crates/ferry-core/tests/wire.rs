@@ -409,6 +409,67 @@ async fn threads_mode_answers_a_peer_that_reads_late_in_order() {
     .await
 }
 
+/// A closed connection whose peer never reads gives up flushing after `close_flush` and shuts
+/// the socket (in both I/O modes): nothing waits for such a peer forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_gives_up_on_a_peer_that_never_reads() {
+    use tokio::io::AsyncWriteExt;
+    within(async {
+        for io in [ferry_core::IoMode::Reactor, ferry_core::IoMode::Threads] {
+            let (router, _events) = wire_router();
+            let config = ConnectionConfig {
+                io,
+                close_flush: Duration::from_millis(100),
+                ..ConnectionConfig::default()
+            };
+            let mut server = TestServer::start_with(router, config, Some(Duration::ZERO)).await;
+            let mut raw = RawClient::connect(&server.path).await;
+            // About 13 MB of answers, far beyond the socket buffers; never read until the end.
+            let mut bytes = Vec::new();
+            for i in 0..200u64 {
+                bytes.extend(common::frame(&common::encode(&rpc_call(
+                    "grow",
+                    Value::from(64 * 1024),
+                    Value::from(i),
+                ))));
+            }
+            raw.send_bytes(&bytes).await;
+            // Once the first answer arrives, the server has run the whole read of calls and
+            // queued all the answers; the socket holds a few hundred KiB of them at most.
+            raw.stream.readable().await.unwrap();
+            server.stop().await.unwrap();
+            // Once the server gives up, it shuts the socket and our writes fail.
+            let mut probes = 0u32;
+            while raw.stream.write_all(&[0]).await.is_ok() {
+                probes += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // What it wrote before giving up is whole frames, fewer than all the answers.
+            let rest = raw.read_to_close().await;
+            let mut at = 0;
+            let mut frames = 0;
+            while at + 4 <= rest.len() {
+                let len = u32::from_be_bytes(rest[at..at + 4].try_into().unwrap()) as usize;
+                if at + 4 + len > rest.len() {
+                    break;
+                }
+                at += 4 + len;
+                frames += 1;
+            }
+            assert!(
+                frames < 200,
+                "{io:?}: all {frames} answers flushed to a peer that never read"
+            );
+            assert!(
+                rest.len() - at < 4 + 64 * 1024 + 64,
+                "{io:?}: only the last frame may be cut"
+            );
+            let _ = probes;
+        }
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // JSON bodies, bad bodies, unknown types
 

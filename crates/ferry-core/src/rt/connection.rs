@@ -23,9 +23,6 @@ use crate::router::{Context, Dispatched, HttpResponse, Router};
 
 type Reply = oneshot::Sender<Result<Payload>>;
 
-/// How long a closed connection keeps trying to flush to a peer that does not read.
-const CLOSE_FLUSH: Duration = Duration::from_secs(5);
-
 /// Settings of one connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
@@ -35,6 +32,9 @@ pub struct ConnectionConfig {
     pub default_timeout: Option<Duration>,
     /// How the connection waits for its socket. Default: [`IoMode::Reactor`].
     pub io: IoMode,
+    /// How long a closed connection keeps trying to write what is queued to a peer that does
+    /// not read, before it gives up and shuts the socket. Default: 5 s.
+    pub close_flush: Duration,
 }
 
 impl Default for ConnectionConfig {
@@ -43,6 +43,7 @@ impl Default for ConnectionConfig {
             engine: EngineConfig::default(),
             default_timeout: Some(Duration::from_secs(30)),
             io: IoMode::Reactor,
+            close_flush: Duration::from_secs(5),
         }
     }
 }
@@ -125,6 +126,7 @@ struct Shared {
     flushed: CancellationToken,
     router: Router,
     default_timeout: Option<Duration>,
+    close_flush: Duration,
     handlers: TaskTracker,
 }
 
@@ -214,6 +216,7 @@ impl Connection {
             flushed: CancellationToken::new(),
             router,
             default_timeout: config.default_timeout,
+            close_flush: config.close_flush,
             handlers: TaskTracker::new(),
         });
         match shared.io {
@@ -918,7 +921,7 @@ async fn write_loop(shared: Arc<Shared>) {
             }
             Ok(false) if closing => {
                 // A peer that stopped reading must not keep a closed connection alive forever.
-                match tokio::time::timeout(CLOSE_FLUSH, stream.writable()).await {
+                match tokio::time::timeout(shared.close_flush, stream.writable()).await {
                     Ok(Ok(())) => {}
                     _ => break,
                 }
@@ -999,7 +1002,7 @@ fn read_thread(shared: Arc<Shared>) {
 
 /// [`write_loop`] for [`IoMode::Threads`]: writes, blocking, what others could not write at
 /// once, outside the state lock (with `writing` set so that nobody else writes meanwhile).
-/// After close it flushes what is queued (giving up after [`CLOSE_FLUSH`] on a peer that
+/// After close it flushes what is queued (giving up after `close_flush` on a peer that
 /// does not read), then shuts the socket down.
 fn write_thread(shared: Arc<Shared>) {
     let Io::Threads { sock, wake } = &shared.io else {
@@ -1031,7 +1034,7 @@ fn write_thread(shared: Arc<Shared>) {
                         {
                             if shared.done.is_cancelled()
                                 && closed_at.get_or_insert_with(Instant::now).elapsed()
-                                    > CLOSE_FLUSH
+                                    > shared.close_flush
                             {
                                 return Some(None);
                             }
