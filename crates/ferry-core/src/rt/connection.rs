@@ -777,9 +777,19 @@ fn spawn_call(
         drop(st);
         task_shared.wake_writer();
     });
-    let mut st = shared.state.lock();
-    if !answered.load(Ordering::Relaxed) && !st.engine.is_closed() {
-        st.running.insert(request_id, handle.abort_handle());
+    // The connection may have closed since the check above, before the entry below could be
+    // found and aborted by `finish`: then the task is aborted here (outside the lock, like
+    // every drop of a handler's future).
+    let closed = {
+        let mut st = shared.state.lock();
+        let closed = st.engine.is_closed();
+        if !closed && !answered.load(Ordering::Relaxed) {
+            st.running.insert(request_id, handle.abort_handle());
+        }
+        closed
+    };
+    if closed {
+        handle.abort();
     }
 }
 
