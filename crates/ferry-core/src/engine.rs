@@ -773,6 +773,11 @@ mod tests {
         m.to_frame()
     }
 
+    /// A deadline `ms` milliseconds after `now`.
+    fn deadline_in(now: Instant, ms: u64) -> Option<Deadline> {
+        Deadline::after(now, Duration::from_millis(ms))
+    }
+
     #[test]
     fn calls_settle_out_of_order_and_by_id() {
         let mut e: Engine<&str> = Engine::new(EngineConfig::default());
@@ -811,12 +816,7 @@ mod tests {
     fn deadlines_expire_and_send_cancel() {
         let mut e: Engine<u8> = Engine::new(EngineConfig::default());
         let now = Instant::now();
-        let d = |ms| {
-            Some(Deadline {
-                at: now + Duration::from_millis(ms),
-                timeout: Duration::from_millis(ms),
-            })
-        };
+        let d = |ms| deadline_in(now, ms);
         e.call("slow", &[0xc0], d(10), 1).unwrap();
         e.call("slower", &[0xc0], d(20), 2).unwrap();
         e.take_output(Vec::new());
@@ -843,12 +843,7 @@ mod tests {
     fn settled_calls_leave_no_deadline_behind() {
         let mut e: Engine<u64> = Engine::new(EngineConfig::default());
         let now = Instant::now();
-        let d = |ms| {
-            Some(Deadline {
-                at: now + Duration::from_millis(ms),
-                timeout: Duration::from_millis(ms),
-            })
-        };
+        let d = |ms| deadline_in(now, ms);
         // One call that stays pending, then many that settle (answered or cancelled).
         let long = e.call("long", &[0xc0], d(60_000), 0).unwrap();
         for i in 1..=20_000u64 {

@@ -434,41 +434,36 @@ async fn a_server_runtime_that_shuts_down_ends_its_connections() {
 /// on its own thread so that a deadlock fails the test instead of hanging the suite.
 #[test]
 fn a_handler_that_closes_its_connection_mid_call_is_dropped_cleanly() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stuck = "the server deadlocked dropping a handler whose connection it closed";
+    common::on_own_thread(runtime, stuck, async {
+        let router = plain_router().async_fn_ctx(
+            "close_mid_call",
+            |ctx: ferry_core::Context, _: IgnoredAny| async move {
+                let call = ctx.connection.call::<_, Value>("anything", &());
+                tokio::pin!(call);
+                // Registered with the engine: dropping it now cancels it.
+                assert!(futures_util::poll!(call.as_mut()).is_pending());
+                ctx.connection.close();
+                std::future::pending::<()>().await;
+                Ok::<_, String>(())
+            },
+        );
+        let mut server = TestServer::start(router).await;
+        let conn = Connection::connect_with(&server.path, Router::new(), no_timeout())
+            .await
             .unwrap();
-        rt.block_on(async {
-            let router = plain_router().async_fn_ctx(
-                "close_mid_call",
-                |ctx: ferry_core::Context, _: IgnoredAny| async move {
-                    let call = ctx.connection.call::<_, Value>("anything", &());
-                    tokio::pin!(call);
-                    // Registered with the engine: dropping it now cancels it.
-                    assert!(futures_util::poll!(call.as_mut()).is_pending());
-                    ctx.connection.close();
-                    std::future::pending::<()>().await;
-                    Ok::<_, String>(())
-                },
-            );
-            let mut server = TestServer::start(router).await;
-            let conn = Connection::connect_with(&server.path, Router::new(), no_timeout())
-                .await
-                .unwrap();
-            let err = conn.call::<_, ()>("close_mid_call", &()).await.unwrap_err();
-            assert_eq!(err.code(), "ERR_FERRY_CONNECTION_LOST", "{err:?}");
-            // The server still serves other connections, and stops.
-            let other = Connection::connect_with(&server.path, Router::new(), no_timeout())
-                .await
-                .unwrap();
-            assert_serves(&other).await;
-            server.stop().await.unwrap();
-        });
-        let _ = tx.send(());
+        let err = conn.call::<_, ()>("close_mid_call", &()).await.unwrap_err();
+        assert_eq!(err.code(), "ERR_FERRY_CONNECTION_LOST", "{err:?}");
+        // The server still serves other connections, and stops.
+        let other = Connection::connect_with(&server.path, Router::new(), no_timeout())
+            .await
+            .unwrap();
+        assert_serves(&other).await;
+        server.stop().await.unwrap();
     });
-    rx.recv_timeout(common::TEST_LIMIT)
-        .expect("the server deadlocked dropping a handler whose connection it closed");
 }

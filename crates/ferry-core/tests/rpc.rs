@@ -542,30 +542,20 @@ async fn short_timeouts_fire_while_a_longer_one_is_pending() {
 /// hanging the suite.
 #[test]
 fn timeouts_follow_a_paused_tokio_clock() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let outcome = rt.block_on(async {
-            let gate = Arc::new(Notify::new());
-            let (router, _events) = with_gated(worker_router(), gate);
-            let server = TestServer::start(router).await;
-            let conn = Connection::connect(&server.path).await.unwrap();
-            conn.call_with::<_, String>(
-                "gated",
-                &(),
-                CallOptions::timeout(Duration::from_secs(600)),
-            )
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let stuck = "a timeout on a paused clock must fire once the runtime advances to it";
+    let outcome = common::on_own_thread(runtime, stuck, async {
+        let gate = Arc::new(Notify::new());
+        let (router, _events) = with_gated(worker_router(), gate);
+        let server = TestServer::start(router).await;
+        let conn = Connection::connect(&server.path).await.unwrap();
+        conn.call_with::<_, String>("gated", &(), CallOptions::timeout(Duration::from_secs(600)))
             .await
-        });
-        let _ = tx.send(outcome);
     });
-    let outcome = rx
-        .recv_timeout(common::TEST_LIMIT)
-        .expect("a timeout on a paused clock fires once the runtime advances to it");
     assert!(
         matches!(outcome, Err(Error::Timeout(t)) if t == Duration::from_secs(600)),
         "{outcome:?}"

@@ -367,6 +367,19 @@ async fn a_failed_result_in_a_batch_leaves_the_other_answers_whole() {
     .await
 }
 
+/// 200 `grow` calls in one buffer, call `i` (also its id) asking for `size(i)` bytes.
+fn grow_calls(size: impl Fn(u64) -> u64) -> Vec<u8> {
+    (0..200u64)
+        .flat_map(|i| {
+            common::frame(&common::encode(&rpc_call(
+                "grow",
+                Value::from(size(i)),
+                Value::from(i),
+            )))
+        })
+        .collect()
+}
+
 fn threads() -> ConnectionConfig {
     ConnectionConfig {
         io: ferry_core::IoMode::Threads,
@@ -383,15 +396,7 @@ async fn threads_mode_answers_a_peer_that_reads_late_in_order() {
         let server = TestServer::start_with(router, threads(), None).await;
         let mut raw = RawClient::connect(&server.path).await;
         // About 13 MB of answers, far beyond the socket buffers, before reading any.
-        let mut bytes = Vec::new();
-        for i in 0..200u64 {
-            bytes.extend(common::frame(&common::encode(&rpc_call(
-                "grow",
-                Value::from(64 * 1024 + i),
-                Value::from(i),
-            ))));
-        }
-        raw.send_bytes(&bytes).await;
+        raw.send_bytes(&grow_calls(|i| 64 * 1024 + i)).await;
         for i in 0..200u64 {
             let msg = raw.recv().await;
             assert_eq!(
@@ -425,23 +430,13 @@ async fn close_gives_up_on_a_peer_that_never_reads() {
             let mut server = TestServer::start_with(router, config, Some(Duration::ZERO)).await;
             let mut raw = RawClient::connect(&server.path).await;
             // About 13 MB of answers, far beyond the socket buffers; never read until the end.
-            let mut bytes = Vec::new();
-            for i in 0..200u64 {
-                bytes.extend(common::frame(&common::encode(&rpc_call(
-                    "grow",
-                    Value::from(64 * 1024),
-                    Value::from(i),
-                ))));
-            }
-            raw.send_bytes(&bytes).await;
+            raw.send_bytes(&grow_calls(|_| 64 * 1024)).await;
             // Once the first answer arrives, the server has run the whole read of calls and
             // queued all the answers; the socket holds a few hundred KiB of them at most.
             raw.stream.readable().await.unwrap();
             server.stop().await.unwrap();
             // Once the server gives up, it shuts the socket and our writes fail.
-            let mut probes = 0u32;
             while raw.stream.write_all(&[0]).await.is_ok() {
-                probes += 1;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             // What it wrote before giving up is whole frames, fewer than all the answers.
@@ -464,7 +459,6 @@ async fn close_gives_up_on_a_peer_that_never_reads() {
                 rest.len() - at < 4 + 64 * 1024 + 64,
                 "{io:?}: only the last frame may be cut"
             );
-            let _ = probes;
         }
     })
     .await

@@ -24,6 +24,28 @@ pub async fn within<F: Future>(body: F) -> F::Output {
         .expect("the test did not finish within its time limit")
 }
 
+/// Runs `body` on `runtime`, on a thread of its own, and returns its output: for tests whose
+/// failure mode is a deadlock, which a timer inside the same runtime might never catch. A panic
+/// in `body` fails the test with that panic; a body still running after [`TEST_LIMIT`] fails
+/// it with `stuck`.
+pub fn on_own_thread<T, F>(runtime: tokio::runtime::Runtime, stuck: &str, body: F) -> T
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(body)));
+        let _ = tx.send(outcome);
+    });
+    match rx.recv_timeout(TEST_LIMIT) {
+        Ok(Ok(value)) => value,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("{stuck}"),
+    }
+}
+
 /// Waits until `cond` holds, re-checking every few milliseconds (bounded by the test limit).
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + TEST_LIMIT;
