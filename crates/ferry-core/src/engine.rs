@@ -3,8 +3,8 @@
 //! Bytes go in with [`Engine::feed`]; frames to send accumulate in an output buffer that the
 //! driver takes with [`Engine::take_output`] and writes however it likes (one `write` per batch
 //! of calls, so many frames share a syscall). Everything the driver must act on comes out of
-//! [`Engine::poll_event`]: answers to our calls (carrying the driver's own token `T`, such as a
-//! oneshot sender or a JS promise), and calls or invocations from the peer, which the driver
+//! [`Engine::poll_event`]: answers to our calls (carrying the driver's own token `T`, such as
+//! the slot where a Rust caller waits or a JS promise's id), and calls or invocations from the peer, which the driver
 //! runs and answers with [`Engine::respond`] / [`Engine::respond_invoke`].
 //!
 //! Deadlines are plain state: the driver asks [`Engine::next_deadline`] when to wake up and

@@ -1315,6 +1315,50 @@ async fn late_and_stray_answers_are_ignored_by_the_caller() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_waits_for_its_caller_and_goes_with_it_when_dropped() {
+    within(async {
+        let (_dir, mut peer, conn) = fake_peer(ConnectionConfig::default()).await;
+
+        // Two calls started (polled once) and then left alone while their answers arrive.
+        let mut kept = Box::pin(conn.call::<_, String>("kept", &()));
+        let mut dropped = Box::pin(conn.call::<_, String>("dropped", &()));
+        assert!(futures_util::poll!(kept.as_mut()).is_pending());
+        assert!(futures_util::poll!(dropped.as_mut()).is_pending());
+        let mut ids = HashMap::new();
+        for _ in 0..2 {
+            let msg = peer.recv().await;
+            ids.insert(
+                str_field(&msg, "function_name").to_string(),
+                msg["request_id"].clone(),
+            );
+        }
+        let mut bytes = response(&ids["kept"], Value::from("for kept"));
+        bytes.extend(response(&ids["dropped"], Value::from("for dropped")));
+        peer.send_bytes(&bytes).await;
+        common::wait_until("both answers read", || conn.pending_calls() == 0).await;
+
+        // Dropping a call whose answer is in sends no cancel (the peer is done with it), and
+        // its answer goes with it: later calls, which reuse its place, get their own.
+        drop(dropped);
+        let next = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call::<_, String>("next", &()).await }
+        });
+        let msg = peer.recv().await;
+        assert_eq!(msg_type(&msg), "rpc_call", "no cancel before it: {msg}");
+        assert_eq!(str_field(&msg, "function_name"), "next");
+        peer.send_bytes(&response(&msg["request_id"], Value::from("for next")))
+            .await;
+        assert_eq!(next.await.unwrap().unwrap(), "for next");
+
+        // The answer that came while nobody polled is still there for its caller.
+        assert_eq!(kept.await.unwrap(), "for kept");
+        assert_nothing_sent(&mut peer).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peer_errors_naming_a_call_fail_it() {
     within(async {
         let (_dir, mut peer, conn) = fake_peer(ConnectionConfig::default()).await;

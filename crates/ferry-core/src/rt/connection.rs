@@ -10,8 +10,13 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use parking_lot::{Condvar, Mutex};
 use serde::{de::DeserializeOwned, Serialize};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Poll, Waker};
 use tokio::net::UnixStream;
-use tokio::sync::{oneshot, Notify};
+
+use slab::Slab;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
@@ -21,7 +26,16 @@ use crate::error::{Error, ErrorType, Result};
 use crate::message::{codes, ByteString, Payload, RequestId};
 use crate::router::{Context, Dispatched, HttpResponse, Router};
 
-type Reply = oneshot::Sender<Result<Payload>>;
+/// The engine's token for one of our pending calls: its slot in [`State::replies`].
+type Reply = usize;
+
+/// Where the answer to one of our calls waits for its caller. Slots are reused, so a call
+/// allocates nothing to be answered (no channel per call), and everything about it, the
+/// engine's entry and this slot, changes under the state lock.
+struct Slot {
+    result: Option<Result<Payload>>,
+    waker: Option<Waker>,
+}
 
 /// Settings of one connection.
 #[derive(Debug, Clone)]
@@ -101,6 +115,33 @@ struct State {
     /// A call with an earlier deadline wakes it; the usual call, made with the same timeout
     /// as the ones before it, does not.
     timer_at: Option<Instant>,
+    /// The answers of our calls, by the token the engine holds for each pending call. A
+    /// slot is filled when its call settles and freed by its caller's future, when that
+    /// takes the answer or is dropped.
+    replies: Slab<Slot>,
+}
+
+impl State {
+    /// Stores the outcome of the call whose token is `slot`; returns the caller's waker, to
+    /// be woken once the lock is released.
+    fn fill(&mut self, slot: Reply, result: Result<Payload>) -> Option<Waker> {
+        let s = self
+            .replies
+            .get_mut(slot)
+            .expect("a pending call's reply slot is only freed once the engine forgot the call");
+        s.result = Some(result);
+        s.waker.take()
+    }
+
+    /// Frees a call's slot (its caller took the answer or gave up).
+    fn free(&mut self, slot: Reply) -> Option<Result<Payload>> {
+        let s = self.replies.remove(slot);
+        // Do not keep the room of a burst of calls once they are all answered.
+        if self.replies.is_empty() && self.replies.capacity() > 4096 {
+            self.replies = Slab::new();
+        }
+        s.result
+    }
 }
 
 /// The socket, as each [`IoMode`] uses it.
@@ -209,6 +250,7 @@ impl Connection {
                 running: HashMap::new(),
                 draining: false,
                 timer_at: None,
+                replies: Slab::new(),
             }),
             wake_writer: Notify::new(),
             wake_timer: Notify::new(),
@@ -245,13 +287,14 @@ impl Connection {
         P: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let started = with_scratch(|buf| {
+        let waker = current_waker().await;
+        let answer = with_scratch(|buf| {
             Payload::encode_into(params, buf)?;
-            self.start(options, |engine, deadline, tx| {
-                engine.call(name, buf, deadline, tx)
+            self.start(options, waker, |engine, deadline, slot| {
+                engine.call(name, buf, deadline, slot)
             })
         })?;
-        let result = self.answer(started).await?;
+        let result = answer.await?;
         result.decode().map_err(|e| Error::Decode(e.to_string()))
     }
 
@@ -263,10 +306,11 @@ impl Connection {
         params: &[u8],
         options: CallOptions,
     ) -> Result<Payload> {
-        let started = self.start(options, |engine, deadline, tx| {
-            engine.call(name, params, deadline, tx)
-        })?;
-        self.answer(started).await
+        let waker = current_waker().await;
+        self.start(options, waker, |engine, deadline, slot| {
+            engine.call(name, params, deadline, slot)
+        })?
+        .await
     }
 
     /// Invokes the peer's route handler `handler_id` with an HTTP-like request (such as
@@ -277,55 +321,63 @@ impl Connection {
         request: &Req,
     ) -> Result<HttpResponse> {
         let request = Payload::encode(request)?;
-        let started = self.start(CallOptions::default(), |engine, deadline, tx| {
-            engine.invoke(handler_id, request.as_bytes(), deadline, tx)
+        let waker = current_waker().await;
+        let answer = self.start(CallOptions::default(), waker, |engine, deadline, slot| {
+            engine.invoke(handler_id, request.as_bytes(), deadline, slot)
         })?;
-        let result = self.answer(started).await?;
+        let result = answer.await?;
         result.decode().map_err(|e| Error::Decode(e.to_string()))
     }
 
     /// Registers a call with the engine (its frame queued, the writer woken). Its deadline is
     /// kept by the engine and enforced by the connection's one timer task (which settles it
     /// with [`Error::Timeout`]), not by a timer per call.
+    ///
+    /// `waker` is the calling task's: it is stored with the call under the same lock, so the
+    /// caller's first wait for the answer need not take the lock again.
     fn start(
         &self,
         options: CallOptions,
+        waker: Waker,
         start: impl FnOnce(
             &mut Engine<Reply>,
             Option<Deadline>,
             Reply,
         ) -> std::result::Result<u64, (Error, Reply)>,
-    ) -> Result<Started> {
-        let (tx, rx) = oneshot::channel();
+    ) -> Result<Answer<'_>> {
         // On tokio's clock, like the timer that enforces it (so a paused test clock works).
         let deadline = options
             .timeout
             .or(self.shared.default_timeout)
             .and_then(|t| Deadline::after(now(), t));
-        let id = {
+        let answer = {
             let mut st = self.shared.state.lock();
-            let id = start(&mut st.engine, deadline, tx).map_err(|(e, _)| e)?;
+            let slot = st.replies.insert(Slot {
+                result: None,
+                waker: Some(waker),
+            });
+            let id = match start(&mut st.engine, deadline, slot) {
+                Ok(id) => id,
+                Err((e, slot)) => {
+                    st.free(slot);
+                    return Err(e);
+                }
+            };
             if let Some(d) = deadline {
                 if st.timer_at.is_none_or(|at| d.at < at) {
                     st.timer_at = Some(d.at);
                     self.shared.wake_timer.notify_one();
                 }
             }
-            id
+            Answer {
+                shared: &self.shared,
+                id,
+                slot,
+                state: AnswerState::Registered,
+            }
         };
         self.shared.wake_writer();
-        Ok(Started { id, rx })
-    }
-
-    /// Waits for a started call's answer; dropped before it, cancels the call.
-    async fn answer(&self, Started { id, rx }: Started) -> Result<Payload> {
-        let guard = CancelOnDrop {
-            shared: &self.shared,
-            id,
-        };
-        let outcome = rx.await;
-        std::mem::forget(guard);
-        outcome.unwrap_or_else(|_| Err(Error::ConnectionLost("connection task ended".into())))
+        Ok(answer)
     }
 
     /// Whether the connection has ended.
@@ -361,11 +413,72 @@ impl Connection {
     }
 }
 
-/// Cancels the call (and tells the peer) when the caller drops its future before the answer.
-/// A call registered with the engine, awaiting its answer.
-struct Started {
+/// The calling task's waker (for [`Connection::start`]).
+async fn current_waker() -> Waker {
+    std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await
+}
+
+/// A call registered with the engine, awaiting its answer in its [`Slot`]. Dropped before the
+/// answer, it cancels the call (and tells the peer).
+struct Answer<'a> {
+    shared: &'a Arc<Shared>,
     id: u64,
-    rx: oneshot::Receiver<Result<Payload>>,
+    slot: Reply,
+    state: AnswerState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AnswerState {
+    /// Just started, in this same poll of the caller's task: the slot holds this poll's
+    /// waker, so there is nothing to check yet (an answer arriving meanwhile wakes the task).
+    Registered,
+    Waiting,
+    Done,
+}
+
+impl Future for Answer<'_> {
+    type Output = Result<Payload>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        match self.state {
+            AnswerState::Registered => {
+                self.state = AnswerState::Waiting;
+                return Poll::Pending;
+            }
+            AnswerState::Waiting => {}
+            AnswerState::Done => panic!("a call's answer polled after it completed"),
+        }
+        let mut st = self.shared.state.lock();
+        let slot = &mut st.replies[self.slot];
+        if slot.result.is_none() {
+            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                slot.waker = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        let result = st.free(self.slot).expect("checked above");
+        drop(st);
+        self.state = AnswerState::Done;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        if self.state == AnswerState::Done {
+            return;
+        }
+        let (cancelled, result) = {
+            let mut st = self.shared.state.lock();
+            let cancelled = st.engine.cancel(self.id);
+            (cancelled, st.free(self.slot))
+        };
+        // An answer that arrived unread is dropped outside the lock.
+        drop(result);
+        if cancelled.is_some() {
+            self.shared.wake_writer();
+        }
+    }
 }
 
 /// Runs `f` with this thread's empty scratch buffer (or a new one, if it is in use), so that
@@ -390,23 +503,9 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     })
 }
 
-struct CancelOnDrop<'a> {
-    shared: &'a Arc<Shared>,
-    id: u64,
-}
-
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        let cancelled = self.shared.state.lock().engine.cancel(self.id);
-        if cancelled.is_some() {
-            self.shared.wake_writer();
-        }
-    }
-}
-
 /// Ends the connection once: settles pending calls, stops handlers, wakes both tasks.
 fn finish(shared: &Arc<Shared>, lost: Option<String>) {
-    let settled = {
+    let wakers: Vec<Waker> = {
         let mut st = shared.state.lock();
         if st.engine.is_closed() {
             return;
@@ -414,11 +513,13 @@ fn finish(shared: &Arc<Shared>, lost: Option<String>) {
         for (_, h) in st.running.drain() {
             h.abort();
         }
-        st.engine.close(lost)
+        let settled = st.engine.close(lost);
+        settled
+            .into_iter()
+            .filter_map(|(slot, e)| st.fill(slot, Err(e)))
+            .collect()
     };
-    for (tx, e) in settled {
-        let _ = tx.send(Err(e));
-    }
+    wakers.into_iter().for_each(Waker::wake);
     shared.done.cancel();
     // With `IoMode::Threads`, the writer thread flushes what is queued, then shuts the socket
     // down, which wakes the reader thread from its `read`. (Shutting the read side at once
@@ -562,7 +663,7 @@ fn read_drained(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
 /// must end.
 fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<String> {
     let Scratch {
-        settled,
+        wakers,
         calls,
         ran,
         results,
@@ -578,7 +679,7 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
         st.engine.feed(data);
         while let Some(ev) = st.engine.poll_event() {
             match ev {
-                Event::Settled { token, result } => settled.push((token, result)),
+                Event::Settled { token, result } => wakers.extend(st.fill(token, result)),
                 Event::Call {
                     request_id,
                     function_name,
@@ -611,9 +712,7 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
             }
         }
     }
-    for (tx, r) in settled.drain(..) {
-        let _ = tx.send(r);
-    }
+    wakers.drain(..).for_each(Waker::wake);
     // Graceful shutdown waits for the calls of this read until they are answered.
     let running = (!calls.is_empty()).then(|| shared.handlers.token());
     // Handlers run without the state lock: one may call the peer back on this connection.
@@ -656,7 +755,8 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
 /// The per-read lists of [`on_input`], kept by the reader so that reads do not allocate them.
 #[derive(Default)]
 struct Scratch {
-    settled: Vec<(Reply, Result<Payload>)>,
+    /// The callers to wake: their calls were answered by this read.
+    wakers: Vec<Waker>,
     calls: Vec<(RequestId, ByteString, Payload)>,
     ran: Vec<(RequestId, ByteString, Ran)>,
     /// The encoded results of the synchronous functions run for one read.
@@ -897,13 +997,21 @@ async fn timer_loop(shared: Arc<Shared>) {
         if let Some(at) = due {
             // The timer fired for `at`: that deadline is due even if the clock reads a hair
             // earlier, or a paused test clock would make this loop spin.
-            let timed_out = shared.state.lock().engine.expire(now().max(at));
-            if !timed_out.is_empty() {
+            let (expired, wakers) = {
+                let mut st = shared.state.lock();
+                let timed_out = st.engine.expire(now().max(at));
+                let expired = !timed_out.is_empty();
+                let wakers: Vec<Waker> = timed_out
+                    .into_iter()
+                    .filter_map(|(slot, e)| st.fill(slot, Err(e)))
+                    .collect();
+                (expired, wakers)
+            };
+            if expired {
+                // The engine queued a `cancel` for each.
                 shared.wake_writer();
             }
-            for (tx, e) in timed_out {
-                let _ = tx.send(Err(e));
-            }
+            wakers.into_iter().for_each(Waker::wake);
         }
     }
 }
