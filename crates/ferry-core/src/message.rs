@@ -302,11 +302,16 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    /// A big-endian unsigned integer of `n` bytes (1, 2, 4 or 8).
     fn be(&mut self, n: usize) -> DResult<u64> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | b as u64))
+        let b = self.take(n)?;
+        Ok(match *b {
+            [x] => x as u64,
+            [a, b] => u16::from_be_bytes([a, b]) as u64,
+            [a, b, c, d] => u32::from_be_bytes([a, b, c, d]) as u64,
+            [a, b, c, d, e, f, g, h] => u64::from_be_bytes([a, b, c, d, e, f, g, h]),
+            _ => b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64),
+        })
     }
 
     fn peek(&self) -> DResult<u8> {
@@ -384,10 +389,14 @@ impl<'a> Reader<'a> {
     /// A request id (a string or an unsigned integer), or `None` when the next value is
     /// neither.
     fn try_request_id(&mut self) -> DResult<Option<RequestId>> {
-        if let Some(s) = self.try_str()? {
-            Ok(Some(RequestId::Str(s.to_owned())))
-        } else {
-            Ok(self.try_uint()?.map(RequestId::Int))
+        match self.peek()? {
+            // The usual id: one Ferry wrote, a positive fixint or a `uint 32`.
+            m @ 0x00..=0x7f => {
+                self.pos += 1;
+                Ok(Some(RequestId::Int(m as u64)))
+            }
+            0xa0..=0xbf | 0xd9..=0xdb => Ok(self.try_str()?.map(|s| RequestId::Str(s.to_owned()))),
+            _ => Ok(self.try_uint()?.map(RequestId::Int)),
         }
     }
 
@@ -423,6 +432,25 @@ impl<'a> Reader<'a> {
         while remaining > 0 {
             remaining -= 1;
             let m = self.u8()?;
+            // The common small values first: fixints, nil and bools have no bytes to skip,
+            // fixmaps and fixarrays only add their entries to the values to skip, and a fixstr
+            // is its length.
+            match m {
+                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => continue,
+                0x80..=0x8f | 0x90..=0x9f => {
+                    let n = (m & 0x0f) as u64;
+                    remaining += if m < 0x90 { 2 * n } else { n };
+                    if remaining > (self.buf.len() - self.pos) as u64 {
+                        return Err(Self::eof());
+                    }
+                    continue;
+                }
+                0xa0..=0xbf => {
+                    self.take((m & 0x1f) as usize)?;
+                    continue;
+                }
+                _ => {}
+            }
             if m == 0xcb {
                 on_f64(self.pos - 1);
             }
@@ -529,6 +557,11 @@ pub fn decode(body: &Bytes) -> Result<Message, DecodeError> {
 
 /// A string of `body` as a [`ByteString`] sharing its memory, checked to be UTF-8.
 fn text(body: &Bytes, s: &[u8]) -> DResult<ByteString> {
+    if s.is_ascii() {
+        // SAFETY: ASCII is UTF-8. (Function names are nearly always ASCII, and checking that
+        // costs a fraction of the general UTF-8 check.)
+        return Ok(unsafe { ByteString::from_bytes_unchecked(body.slice_ref(s)) });
+    }
     ByteString::try_from(body.slice_ref(s))
         .map_err(|_| DecodeError::bad("string is not valid UTF-8"))
 }
@@ -539,15 +572,13 @@ fn text(body: &Bytes, s: &[u8]) -> DResult<ByteString> {
 /// not: the general decoder then reads it (and gives the precise error), with the same result
 /// for every body this accepts.
 fn decode_common(body: &Bytes) -> Option<Message> {
-    const CALL: &[u8] = b"\x84\xa4type\xa8rpc_call\xadfunction_name";
-    const RESPONSE: &[u8] = b"\x83\xa4type\xacrpc_response\xaarequest_id";
     let mut r = Reader::new(body);
     let value = |r: &mut Reader<'_>| -> Option<Payload> {
         let start = r.pos;
         r.skip_value().ok()?;
         Some(Payload(body.slice(start..r.pos)))
     };
-    let m = if r.eat(CALL) {
+    let m = if r.eat(CALL_HEAD) {
         let name = text(body, r.try_raw_str().ok()??).ok()?;
         if !r.eat(b"\xa6params") {
             return None;
@@ -561,7 +592,7 @@ fn decode_common(body: &Bytes) -> Option<Message> {
             params,
             request_id: r.try_request_id().ok()??,
         }
-    } else if r.eat(RESPONSE) {
+    } else if r.eat(RESPONSE_HEAD) {
         let request_id = r.try_request_id().ok()??;
         if !r.eat(b"\xa6result") {
             return None;
@@ -793,6 +824,13 @@ fn w_kv_str(out: &mut Vec<u8>, k: &str, v: &str) {
     w_str(out, v);
 }
 
+/// How Ferry's `rpc_call` body begins: a map of 4, `type: "rpc_call"`, the `function_name`
+/// key (its value follows). Written and recognized as one piece.
+const CALL_HEAD: &[u8] = b"\x84\xa4type\xa8rpc_call\xadfunction_name";
+/// How Ferry's `rpc_response` body begins: a map of 3, `type: "rpc_response"`, the
+/// `request_id` key.
+const RESPONSE_HEAD: &[u8] = b"\x83\xa4type\xacrpc_response\xaarequest_id";
+
 /// Writes an `rpc_call` body.
 pub fn encode_rpc_call(
     out: &mut Vec<u8>,
@@ -800,22 +838,19 @@ pub fn encode_rpc_call(
     params: &[u8],
     request_id: &RequestId,
 ) {
-    w_map(out, 4);
-    w_kv_str(out, "type", "rpc_call");
-    w_kv_str(out, "function_name", function_name);
-    w_str(out, "params");
+    out.extend_from_slice(CALL_HEAD);
+    w_str(out, function_name);
+    out.extend_from_slice(b"\xa6params");
     out.extend_from_slice(params);
-    w_str(out, "request_id");
+    out.extend_from_slice(b"\xaarequest_id");
     w_id(out, request_id);
 }
 
 /// Writes an `rpc_response` body.
 pub fn encode_rpc_response(out: &mut Vec<u8>, request_id: &RequestId, result: &[u8]) {
-    w_map(out, 3);
-    w_kv_str(out, "type", "rpc_response");
-    w_str(out, "request_id");
+    out.extend_from_slice(RESPONSE_HEAD);
     w_id(out, request_id);
-    w_str(out, "result");
+    out.extend_from_slice(b"\xa6result");
     out.extend_from_slice(result);
 }
 
@@ -1266,5 +1301,64 @@ mod tests {
         assert!(Payload::from_msgpack(vec![0x92, 0x01]).is_err());
         assert!(Payload::from_msgpack(vec![0x01, 0x02]).is_err());
         assert!(Payload::from_msgpack(vec![0x92, 0x01, 0xc0]).is_ok());
+    }
+
+    #[test]
+    fn the_value_walk_agrees_with_rmpv_on_every_kind_and_truncation() {
+        use rmpv::Value as V;
+        let long = |n: usize| "x".repeat(n);
+        let values = vec![
+            V::Nil,
+            V::from(true),
+            V::from(0),
+            V::from(127),
+            V::from(128),
+            V::from(-1),
+            V::from(-33),
+            V::from(70_000),
+            V::from(u64::MAX),
+            V::from(i64::MIN),
+            V::from(1.5f32),
+            V::from(2.5f64),
+            V::from(""),
+            V::from(long(31)),
+            V::from(long(32)),
+            V::from(long(300)),
+            V::from(long(70_000)),
+            V::Binary(vec![7; 3]),
+            V::Binary(vec![7; 300]),
+            V::Ext(1, vec![1]),
+            V::Ext(2, vec![1; 16]),
+            V::Ext(3, vec![1; 5]),
+            V::Array(vec![]),
+            V::Array((0..15).map(V::from).collect()),
+            V::Array((0..16).map(V::from).collect()),
+            V::Map(vec![]),
+            V::Map(vec![(V::from("a"), V::from(1)), (V::from("b"), V::from(2))]),
+            V::Map((0..16).map(|i| (V::from(i), V::Nil)).collect()),
+            V::Array(vec![V::Map(vec![(
+                V::from("deep"),
+                V::Array(vec![
+                    V::Array(vec![V::from(-5), V::from("é")]),
+                    V::Map(vec![]),
+                ]),
+            )])]),
+        ];
+        for v in &values {
+            let mut bytes = Vec::new();
+            rmpv::encode::write_value(&mut bytes, v).unwrap();
+            assert!(validate_value(&bytes).is_ok(), "{v}");
+            // Every truncation is refused, and so is a trailing byte.
+            for cut in 0..bytes.len() {
+                assert!(validate_value(&bytes[..cut]).is_err(), "{v} cut at {cut}");
+            }
+            let mut more = bytes.clone();
+            more.push(0xc0);
+            assert!(validate_value(&more).is_err(), "{v} with a trailing byte");
+        }
+        // Counts beyond the bytes that follow are refused at once.
+        for hostile in [&b"\x8f"[..], b"\x9f\x01", b"\xdd\xff\xff\xff\xff", b"\xc1"] {
+            assert!(validate_value(hostile).is_err(), "{hostile:?}");
+        }
     }
 }
