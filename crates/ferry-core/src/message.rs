@@ -437,7 +437,7 @@ impl<'a> Reader<'a> {
             // is its length.
             match m {
                 0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => continue,
-                0x80..=0x8f | 0x90..=0x9f => {
+                0x80..=0x9f => {
                     let n = (m & 0x0f) as u64;
                     remaining += if m < 0x90 { 2 * n } else { n };
                     if remaining > (self.buf.len() - self.pos) as u64 {
