@@ -295,6 +295,32 @@ async fn binary_values_travel_as_msgpack_bin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payloads_larger_than_the_socket_buffer_arrive_whole_both_ways() {
+    within(async {
+        let (_server, conn) = start().await;
+        // Several MiB in flight each way at once: both writers find the socket full many
+        // times over and must wait for room, while each side's reader keeps reading.
+        let calls = (0..6u64).map(|k| {
+            let conn = conn.clone();
+            async move {
+                let blob: Vec<u8> = (0..3 * 1024 * 1024 + k)
+                    .map(|i| (i * 31 + k) as u8)
+                    .collect();
+                let params = common::encode(&Value::Binary(blob));
+                let back = conn
+                    .call_raw("echo", &params, CallOptions::default())
+                    .await
+                    .unwrap();
+                assert!(back.as_bytes() == &params[..], "echo {k} came back altered");
+            }
+        });
+        futures_util::future::join_all(calls).await;
+        assert_serves(&conn).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nil_params() {
     within(async {
         let (_server, conn) = start().await;

@@ -16,6 +16,8 @@ use std::task::{Poll, Waker};
 use tokio::net::UnixStream;
 
 use slab::Slab;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +69,9 @@ impl Default for ConnectionConfig {
 pub enum IoMode {
     /// Two tasks on the tokio runtime, woken by its reactor (`epoll`): a reader, and a writer
     /// that sends everything queued since its last write at once, so the calls a program makes
-    /// in one turn share a system call. Suits clients and servers with many peers. The default.
+    /// in one turn share a system call. The socket is registered for reading only (the writer
+    /// registers for writing only while the socket is full), so the peer's reads do not wake
+    /// the reactor. Suits clients and servers with many peers. The default.
     #[default]
     Reactor,
     /// Two threads of the connection's own: a reader blocked in `read`, which answers the
@@ -146,8 +150,13 @@ impl State {
 
 /// The socket, as each [`IoMode`] uses it.
 enum Io {
-    /// Non-blocking, registered with tokio's reactor.
-    Reactor(UnixStream),
+    /// Non-blocking, registered with tokio's reactor for reading only; writes that the socket
+    /// cannot take wait for room through a registration of their own (see [`wait_writable`]).
+    /// (Registered for writing too, the socket would wake the reactor each time the peer reads
+    /// from it: an `epoll_wait` return, and on a busy core a context switch, for nothing.)
+    Reactor(AsyncFd<std::os::unix::net::UnixStream>),
+    /// The socket could not be registered (see [`reactor_io`]): the connection ends at once.
+    Failed(String),
     /// Blocking (reads and the writer thread wait in the kernel; other writes pass
     /// `MSG_DONTWAIT`), and the writer thread's wake-up.
     Threads {
@@ -211,7 +220,7 @@ impl Connection {
     /// runtime.
     pub fn from_stream(stream: UnixStream, router: Router, config: ConnectionConfig) -> Connection {
         let io = match config.io {
-            IoMode::Reactor => Io::Reactor(stream),
+            IoMode::Reactor => reactor_io(stream),
             // The reactor's registration goes with `stream`; the threads use a duplicate,
             // made blocking. Without a descriptor to spare, the connection stays on the reactor.
             IoMode::Threads => match socket2::SockRef::from(&stream)
@@ -231,7 +240,7 @@ impl Connection {
                     tracing::debug!(
                         "ferry: no descriptor for the I/O threads, using the reactor: {e}"
                     );
-                    Io::Reactor(stream)
+                    reactor_io(stream)
                 }
             },
         };
@@ -262,7 +271,7 @@ impl Connection {
             handlers: TaskTracker::new(),
         });
         match shared.io {
-            Io::Reactor(_) => {
+            Io::Reactor(_) | Io::Failed(_) => {
                 tokio::spawn(read_loop(shared.clone()));
                 tokio::spawn(write_loop(shared.clone()));
             }
@@ -531,7 +540,7 @@ impl Shared {
     /// Tells the writer that bytes are queued (or that the connection closed).
     fn wake_writer(&self) {
         match &self.io {
-            Io::Reactor(_) => self.wake_writer.notify_one(),
+            Io::Reactor(_) | Io::Failed(_) => self.wake_writer.notify_one(),
             Io::Threads { wake, .. } => {
                 // Under the lock: the writer checks for work and starts waiting under it, so
                 // the wake-up cannot fall between the two.
@@ -558,11 +567,15 @@ fn try_flush(io: &Io, st: &mut State) -> std::io::Result<bool> {
     take_output(st);
     while st.sent < st.unsent.len() {
         let wrote = match io {
-            Io::Reactor(stream) => stream.try_write(&st.unsent[st.sent..]),
+            Io::Reactor(fd) => socket2::SockRef::from(fd.get_ref()).send_with_flags(
+                &st.unsent[st.sent..],
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            ),
             Io::Threads { sock, .. } => socket2::SockRef::from(sock).send_with_flags(
                 &st.unsent[st.sent..],
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             ),
+            Io::Failed(e) => return Err(std::io::Error::other(e.clone())),
         };
         match wrote {
             Ok(n) => st.sent += n,
@@ -599,9 +612,57 @@ fn written(st: &mut State) {
     }
 }
 
+/// The socket registered with the reactor for reading only. Should that fail (it cannot, short
+/// of a descriptor limit), the stream stays as tokio registered it, for reading and writing.
+fn reactor_io(stream: UnixStream) -> Io {
+    match stream
+        .into_std()
+        .and_then(|std| register(std, Interest::READABLE))
+    {
+        Ok(fd) => Io::Reactor(fd),
+        // Only when the reactor is out of resources; the reader then ends the connection.
+        Err(e) => Io::Failed(e.to_string()),
+    }
+}
+
+/// Registers an owned socket with the reactor for `interest`.
+fn register(
+    sock: std::os::unix::net::UnixStream,
+    interest: Interest,
+) -> std::io::Result<AsyncFd<std::os::unix::net::UnixStream>> {
+    // SAFETY: the stream owns its descriptor, which stays open and the same until the
+    // `AsyncFd` (which owns the stream) is dropped.
+    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Waits until the socket has room for more bytes, through a registration for writing made
+/// for this wait on a duplicate of the descriptor (the reactor reports a socket that is
+/// writable when it is registered, so room made since the write that failed is not missed).
+/// `slot` keeps the registration while the writer keeps waiting; the writer drops it once it
+/// has written everything queued.
+async fn wait_writable(
+    fd: &AsyncFd<std::os::unix::net::UnixStream>,
+    slot: &mut Option<AsyncFd<std::os::unix::net::UnixStream>>,
+) -> std::io::Result<()> {
+    if slot.is_none() {
+        let dup = fd.get_ref().try_clone()?;
+        *slot = Some(register(dup, Interest::WRITABLE)?);
+    }
+    let w = slot.as_ref().expect("registered above");
+    // The next write finds out whether there is room; clear the readiness so that, if there
+    // is not, the wait after it waits for the reactor's next report.
+    w.writable().await?.clear_ready();
+    Ok(())
+}
+
 async fn read_loop(shared: Arc<Shared>) {
-    let Io::Reactor(stream) = &shared.io else {
-        return;
+    let stream = match &shared.io {
+        Io::Reactor(stream) => stream,
+        Io::Failed(e) => {
+            finish(&shared, Some(format!("cannot register the socket: {e}")));
+            return;
+        }
+        Io::Threads { .. } => return,
     };
     let mut buf = vec![0u8; 64 * 1024];
     let mut scratch = Scratch::default();
@@ -610,10 +671,11 @@ async fn read_loop(shared: Arc<Shared>) {
             r = stream.readable() => r,
             _ = shared.done.cancelled() => return,
         };
-        if let Err(e) = ready {
-            break format!("read failed: {e}");
-        }
-        let n = match read_drained(stream, &mut buf) {
+        let mut ready = match ready {
+            Ok(guard) => guard,
+            Err(e) => break format!("read failed: {e}"),
+        };
+        let n = match read_drained(&mut ready, &mut buf) {
             Ok(0) => break hung_up(&shared),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -639,22 +701,23 @@ fn hung_up(shared: &Shared) -> String {
 }
 
 /// Reads what the socket holds. A read that does not fill `buf` has drained the socket, so
-/// the stream's readiness is cleared right away instead of by one more read that would
-/// fail with `WouldBlock` (a system call per read saved). The readiness snapshot is taken
+/// the readiness is cleared right away instead of by one more read that would fail with
+/// `WouldBlock` (a system call per read saved). The guard's readiness is the snapshot taken
 /// before the read, so data arriving after it is never missed.
-fn read_drained(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_drained(
+    ready: &mut tokio::io::unix::AsyncFdReadyGuard<'_, std::os::unix::net::UnixStream>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
     use std::io::{ErrorKind, Read};
-    let mut short = 0;
-    let r = stream.try_io(tokio::io::Interest::READABLE, || {
-        let n = (&*socket2::SockRef::from(stream)).read(buf)?;
-        if n > 0 && n < buf.len() {
-            short = n;
-            return Err(ErrorKind::WouldBlock.into());
+    match ready.get_inner().read(buf) {
+        Ok(n) if n > 0 && n < buf.len() => {
+            ready.clear_ready();
+            Ok(n)
         }
-        Ok(n)
-    });
-    match r {
-        Err(e) if e.kind() == ErrorKind::WouldBlock && short > 0 => Ok(short),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            ready.clear_ready();
+            Err(e)
+        }
         r => r,
     }
 }
@@ -1020,15 +1083,25 @@ async fn timer_loop(shared: Arc<Shared>) {
 /// write, and whatever a full socket left behind. After close it flushes what is queued, then
 /// shuts the socket down.
 async fn write_loop(shared: Arc<Shared>) {
-    let Io::Reactor(stream) = &shared.io else {
-        return;
+    let stream = match &shared.io {
+        Io::Reactor(stream) => stream,
+        Io::Failed(_) => {
+            shared.flushed.cancel();
+            return;
+        }
+        Io::Threads { .. } => return,
     };
+    // The registration for writing while the socket is full (see `wait_writable`).
+    let mut waiting: Option<AsyncFd<std::os::unix::net::UnixStream>> = None;
     loop {
         let closing = shared.done.is_cancelled();
         let flushed = {
             let mut st = shared.state.lock();
             try_flush(&shared.io, &mut st)
         };
+        if matches!(flushed, Ok(true)) {
+            waiting = None;
+        }
         match flushed {
             Ok(true) if closing => break,
             Ok(true) => {
@@ -1039,14 +1112,19 @@ async fn write_loop(shared: Arc<Shared>) {
             }
             Ok(false) if closing => {
                 // A peer that stopped reading must not keep a closed connection alive forever.
-                match tokio::time::timeout(shared.close_flush, stream.writable()).await {
+                match tokio::time::timeout(shared.close_flush, wait_writable(stream, &mut waiting))
+                    .await
+                {
                     Ok(Ok(())) => {}
                     _ => break,
                 }
             }
             Ok(false) => {
                 tokio::select! {
-                    r = stream.writable() => if r.is_err() { break },
+                    r = wait_writable(stream, &mut waiting) => if let Err(e) = r {
+                        finish(&shared, Some(format!("write failed: {e}")));
+                        break;
+                    },
                     _ = shared.done.cancelled() => {}
                 }
             }
@@ -1056,7 +1134,7 @@ async fn write_loop(shared: Arc<Shared>) {
             }
         }
     }
-    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
+    let _ = stream.get_ref().shutdown(std::net::Shutdown::Both);
     shared.flushed.cancel();
 }
 
