@@ -1,11 +1,11 @@
 //! The sans-IO protocol engine: one connection's protocol state, with no sockets and no clock.
 //!
-//! Bytes go in with [`Engine::feed`]; frames to send accumulate in an output buffer that the
-//! driver takes with [`Engine::take_output`] and writes however it likes (one `write` per batch
-//! of calls, so many frames share a syscall). Everything the driver must act on comes out of
-//! [`Engine::poll_event`]: answers to our calls (carrying the driver's own token `T`, such as
-//! the slot where a Rust caller waits or a JS promise's id), and calls or invocations from the peer, which the driver
-//! runs and answers with [`Engine::respond`] / [`Engine::respond_invoke`].
+//! Bytes go in with [`Engine::feed`]; frames to send accumulate in an output buffer that the driver
+//! takes with [`Engine::take_output`] and writes however it likes (one `write` per batch of calls,
+//! so many frames share a syscall). Everything the driver must act on comes out of
+//! [`Engine::poll_event`]: answers to our calls (carrying the driver's own token `T`, such as the
+//! slot where a Rust caller waits or a JS promise's id), and calls or invocations from the peer,
+//! which the driver runs and answers with [`Engine::respond`] / [`Engine::respond_invoke`].
 //!
 //! Deadlines are plain state: the driver asks [`Engine::next_deadline`] when to wake up and
 //! calls [`Engine::expire`] then. The tokio driver and the Node addon drive this same type.

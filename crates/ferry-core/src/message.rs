@@ -390,7 +390,7 @@ impl<'a> Reader<'a> {
     /// neither.
     fn try_request_id(&mut self) -> DResult<Option<RequestId>> {
         match self.peek()? {
-            // The usual id: one Ferry wrote, a positive fixint or a `uint 32`.
+            // Small ids (Ferry's first 127) at once; other integers through `try_uint`.
             m @ 0x00..=0x7f => {
                 self.pos += 1;
                 Ok(Some(RequestId::Int(m as u64)))

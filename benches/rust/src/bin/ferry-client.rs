@@ -14,16 +14,16 @@
 //!
 //! A wrong answer or a failed call exits 1. Prints one JSON line (benches/README.md).
 //!
-//! Throughput and echo keep `--inflight` calls outstanding in as many lanes (tasks that each
-//! make one call after another), like the Node peers. The runtime is current-thread, chosen by measurement against the
-//! example worker on the 2-core machine (medians of 3 runs, pinned): a 2-worker multi-thread
-//! runtime was slower in every scenario, whether the calls ran in `block_on` (p50 70 vs
-//! 28 µs, 150K vs 400K calls/s) or in a task spawned onto a worker (p50 27 vs 26 µs, 375K vs
-//! 448K calls/s, echo 491 vs 537 MiB/s). The calls run in a spawned task rather than in
+//! Throughput and echo keep `--inflight` calls outstanding in as many lanes (tasks that each make
+//! one call after another), like the Node peers. The runtime is current-thread, chosen by
+//! measurement against the example worker on the 2-core machine (medians of 3 runs, pinned): a
+//! 2-worker multi-thread runtime was slower in every scenario, whether the calls ran in `block_on`
+//! (p50 70 vs 28 µs, 150K vs 400K calls/s) or in a task spawned onto a worker (p50 27 vs 26 µs,
+//! 375K vs 448K calls/s, echo 491 vs 537 MiB/s). The calls run in a spawned task rather than in
 //! `block_on` itself: waking the `block_on` future makes the current-thread scheduler poll the
 //! reactor once more (an `epoll_wait` with a zero timeout per call, seen with strace); from a
-//! spawned task, one call costs the client `sendto`, `epoll_wait` and `recvfrom` only
-//! (hand-run A/B, pinned, 3 runs each: p50 22.2 vs 23.9 µs, 571K vs 525K calls/s).
+//! spawned task, one call costs the client `sendto`, `epoll_wait` and `recvfrom` only (hand-run
+//! A/B, pinned, 3 runs each: p50 22.2 vs 23.9 µs, 571K vs 525K calls/s).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -216,10 +216,14 @@ where
         })
         .collect();
     tokio::time::sleep(warmup).await;
-    // A lane that failed during the warm-up stopped them all: keep its error.
-    let _ = phase.compare_exchange(WARMUP, MEASURING, Ordering::Relaxed, Ordering::Relaxed);
+    // A lane that failed during the warm-up stopped them all: report its error now.
+    let failed = phase
+        .compare_exchange(WARMUP, MEASURING, Ordering::Relaxed, Ordering::Relaxed)
+        .is_err();
     let t0 = Instant::now();
-    tokio::time::sleep(duration).await;
+    if !failed {
+        tokio::time::sleep(duration).await;
+    }
     let counted = count.load(Ordering::Relaxed);
     let elapsed = t0.elapsed();
     phase.store(STOPPING, Ordering::Relaxed);

@@ -1,23 +1,22 @@
 use std::any::Any;
 use std::collections::HashMap;
+use std::future::Future;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use parking_lot::{Condvar, Mutex};
 use serde::{de::DeserializeOwned, Serialize};
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Poll, Waker};
-use tokio::net::UnixStream;
-
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -137,14 +136,15 @@ impl State {
         s.waker.take()
     }
 
-    /// Frees a call's slot (its caller took the answer or gave up).
-    fn free(&mut self, slot: Reply) -> Option<Result<Payload>> {
+    /// Frees a call's slot (its caller took the answer or gave up) and returns it, to be
+    /// dropped once the lock is released (a waker's drop is the executor's code).
+    fn free(&mut self, slot: Reply) -> Slot {
         let s = self.replies.remove(slot);
         // Do not keep the room of a burst of calls once they are all answered.
         if self.replies.is_empty() && self.replies.capacity() > 4096 {
             self.replies = Slab::new();
         }
-        s.result
+        s
     }
 }
 
@@ -172,7 +172,8 @@ struct Shared {
     wake_timer: Notify,
     /// Fires once the connection is finished (closed by either side).
     done: CancellationToken,
-    /// Fires once the writer has flushed what was queued at close and shut the socket down.
+    /// Fires once the writer has flushed what was queued at close and shut the socket down
+    /// (or at once, for a socket that could not be registered).
     flushed: CancellationToken,
     router: Router,
     default_timeout: Option<Duration>,
@@ -217,7 +218,7 @@ impl Connection {
     }
 
     /// Runs the protocol over an already-connected stream. Must be called inside a tokio
-    /// runtime.
+    /// runtime with I/O enabled.
     pub fn from_stream(stream: UnixStream, router: Router, config: ConnectionConfig) -> Connection {
         let io = match config.io {
             IoMode::Reactor => reactor_io(stream),
@@ -343,7 +344,10 @@ impl Connection {
     /// with [`Error::Timeout`]), not by a timer per call.
     ///
     /// `waker` is the calling task's: it is stored with the call under the same lock, so the
-    /// caller's first wait for the answer need not take the lock again.
+    /// caller's first wait for the answer need not take the lock again. That is why the
+    /// returned [`Answer`] must be awaited in the same poll of the same task that took the
+    /// waker (as every caller here does: `current_waker()`, `start`, then `.await`); awaited
+    /// later, an answer that arrived in between would have spent the waker.
     fn start(
         &self,
         options: CallOptions,
@@ -368,7 +372,9 @@ impl Connection {
             let id = match start(&mut st.engine, deadline, slot) {
                 Ok(id) => id,
                 Err((e, slot)) => {
-                    st.free(slot);
+                    let slot = st.free(slot);
+                    drop(st);
+                    drop(slot);
                     return Err(e);
                 }
             };
@@ -461,14 +467,16 @@ impl Future for Answer<'_> {
         let slot = &mut st.replies[self.slot];
         if slot.result.is_none() {
             if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                slot.waker = Some(cx.waker().clone());
+                let old = slot.waker.replace(cx.waker().clone());
+                drop(st);
+                drop(old);
             }
             return Poll::Pending;
         }
-        let result = st.free(self.slot).expect("checked above");
+        let slot = st.free(self.slot);
         drop(st);
         self.state = AnswerState::Done;
-        Poll::Ready(result)
+        Poll::Ready(slot.result.expect("checked above"))
     }
 }
 
@@ -477,13 +485,13 @@ impl Drop for Answer<'_> {
         if self.state == AnswerState::Done {
             return;
         }
-        let (cancelled, result) = {
+        let (cancelled, slot) = {
             let mut st = self.shared.state.lock();
             let cancelled = st.engine.cancel(self.id);
             (cancelled, st.free(self.slot))
         };
-        // An answer that arrived unread is dropped outside the lock.
-        drop(result);
+        // An answer that arrived unread, or the waker, is dropped outside the lock.
+        drop(slot);
         if cancelled.is_some() {
             self.shared.wake_writer();
         }
@@ -612,8 +620,8 @@ fn written(st: &mut State) {
     }
 }
 
-/// The socket registered with the reactor for reading only. Should that fail (it cannot, short
-/// of a descriptor limit), the stream stays as tokio registered it, for reading and writing.
+/// The socket registered with the reactor for reading only. Should that fail (the kernel out
+/// of memory for epoll), the connection ends at once with the error.
 fn reactor_io(stream: UnixStream) -> Io {
     match stream
         .into_std()
@@ -639,14 +647,26 @@ fn register(
 /// for this wait on a duplicate of the descriptor (the reactor reports a socket that is
 /// writable when it is registered, so room made since the write that failed is not missed).
 /// `slot` keeps the registration while the writer keeps waiting; the writer drops it once it
-/// has written everything queued.
+/// has written everything queued. Without a descriptor to spare, it waits 5 ms instead.
 async fn wait_writable(
     fd: &AsyncFd<std::os::unix::net::UnixStream>,
     slot: &mut Option<AsyncFd<std::os::unix::net::UnixStream>>,
 ) -> std::io::Result<()> {
     if slot.is_none() {
-        let dup = fd.get_ref().try_clone()?;
-        *slot = Some(register(dup, Interest::WRITABLE)?);
+        match fd
+            .get_ref()
+            .try_clone()
+            .and_then(|dup| register(dup, Interest::WRITABLE))
+        {
+            Ok(registered) => *slot = Some(registered),
+            Err(e) => {
+                // No descriptor (or epoll room) to spare: a full socket must not end the
+                // connection, so look again shortly instead.
+                tracing::debug!("ferry: cannot wait for room to write, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                return Ok(());
+            }
+        }
     }
     let w = slot.as_ref().expect("registered above");
     // The next write finds out whether there is room; clear the readiness so that, if there
