@@ -321,6 +321,60 @@ async fn payloads_larger_than_the_socket_buffer_arrive_whole_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_answered_timed_out_or_dropped_in_any_mix_each_get_their_own_outcome() {
+    within(async {
+        let (_server, conn) = start().await;
+        // xorshift64: a fixed, varied mix without a random-number dependency.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let calls = (0..3000u64).map(|i| {
+            let conn = conn.clone();
+            let r = next();
+            async move {
+                match r % 4 {
+                    // Answered at once: its own value comes back (never another call's).
+                    0 | 1 => {
+                        let v: u64 = conn.call("echo", &i).await.unwrap();
+                        assert_eq!(v, i);
+                    }
+                    // Answered after a few ms, or timed out first: nothing else.
+                    2 => {
+                        let ms = (r >> 8) % 4;
+                        let timeout = Duration::from_millis((r >> 16) % 4 + 1);
+                        let options = CallOptions::timeout(timeout);
+                        match conn
+                            .call_with::<_, u64>("sleep", &json!({ "ms": ms }), options)
+                            .await
+                        {
+                            Ok(got) => assert_eq!(got, ms),
+                            Err(e) => assert_eq!(e.code(), "ERR_FERRY_TIMEOUT", "{e}"),
+                        }
+                    }
+                    // Given up on (dropped) before or after its answer arrives.
+                    _ => {
+                        let wait = Duration::from_micros((r >> 8) % 1000);
+                        if let Ok(r) =
+                            tokio::time::timeout(wait, conn.call::<_, u64>("echo", &i)).await
+                        {
+                            assert_eq!(r.unwrap(), i);
+                        }
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await;
+        assert_eq!(conn.pending_calls(), 0);
+        assert_serves(&conn).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nil_params() {
     within(async {
         let (_server, conn) = start().await;
