@@ -297,27 +297,39 @@ async fn binary_values_travel_as_msgpack_bin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn payloads_larger_than_the_socket_buffer_arrive_whole_both_ways() {
     within(async {
-        let (_server, conn) = start().await;
-        // Several MiB in flight each way at once: both writers find the socket full many
-        // times over and must wait for room, while each side's reader keeps reading.
-        let calls = (0..6u64).map(|k| {
-            let conn = conn.clone();
-            async move {
-                let blob: Vec<u8> = (0..3 * 1024 * 1024 + k)
-                    .map(|i| (i * 31 + k) as u8)
-                    .collect();
-                let params = common::encode(&Value::Binary(blob));
-                let back = conn
-                    .call_raw("echo", &params, CallOptions::default())
-                    .await
-                    .unwrap();
-                assert!(back.as_bytes() == &params[..], "echo {k} came back altered");
-            }
-        });
-        futures_util::future::join_all(calls).await;
-        assert_serves(&conn).await;
+        let (server, _conn) = start().await;
+        // Both ways of waiting for room: the socket registered for writing all along, or
+        // only while a write waits.
+        for early_wake in [true, false] {
+            let config = ConnectionConfig {
+                early_wake,
+                ..ConnectionConfig::default()
+            };
+            let conn = Connection::connect_with(&server.path, Router::new(), config)
+                .await
+                .unwrap();
+            echo_large_payloads(&conn).await;
+            assert_serves(&conn).await;
+        }
     })
     .await
+}
+
+/// Several MiB in flight each way at once: both writers find the socket full many times over
+/// and must wait for room, while each side's reader keeps reading.
+async fn echo_large_payloads(conn: &Connection) {
+    let calls = (0..6u64).map(|k| async move {
+        let blob: Vec<u8> = (0..3 * 1024 * 1024 + k)
+            .map(|i| (i * 31 + k) as u8)
+            .collect();
+        let params = common::encode(&Value::Binary(blob));
+        let back = conn
+            .call_raw("echo", &params, CallOptions::default())
+            .await
+            .unwrap();
+        assert!(back.as_bytes() == &params[..], "echo {k} came back altered");
+    });
+    futures_util::future::join_all(calls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
