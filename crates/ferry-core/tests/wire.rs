@@ -415,15 +415,23 @@ async fn threads_mode_answers_a_peer_that_reads_late_in_order() {
 }
 
 /// A closed connection whose peer never reads gives up flushing after `close_flush` and shuts
-/// the socket (in both I/O modes): nothing waits for such a peer forever.
+/// the socket (in both I/O modes, and with the reactor's either registration): nothing waits
+/// for such a peer forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn close_gives_up_on_a_peer_that_never_reads() {
+    use ferry_core::IoMode;
     use tokio::io::AsyncWriteExt;
     within(async {
-        for io in [ferry_core::IoMode::Reactor, ferry_core::IoMode::Threads] {
+        let modes = [
+            (IoMode::Reactor, true),
+            (IoMode::Reactor, false),
+            (IoMode::Threads, true),
+        ];
+        for (io, early_wake) in modes {
             let (router, _events) = wire_router();
             let config = ConnectionConfig {
                 io,
+                early_wake,
                 close_flush: Duration::from_millis(100),
                 ..ConnectionConfig::default()
             };
@@ -453,11 +461,11 @@ async fn close_gives_up_on_a_peer_that_never_reads() {
             }
             assert!(
                 frames < 200,
-                "{io:?}: all {frames} answers flushed to a peer that never read"
+                "{io:?} (early_wake {early_wake}): all {frames} answers flushed to a peer that never read"
             );
             assert!(
                 rest.len() - at < 4 + 64 * 1024 + 64,
-                "{io:?}: only the last frame may be cut"
+                "{io:?} (early_wake {early_wake}): only the last frame may be cut"
             );
         }
     })
