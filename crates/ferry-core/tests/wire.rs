@@ -472,6 +472,52 @@ async fn close_gives_up_on_a_peer_that_never_reads() {
     .await
 }
 
+/// `close_flush` bounds the whole flush after close, not each wait for room: a peer that keeps
+/// reading, but too slowly to take what is queued in time, is given up on too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_gives_up_on_a_peer_that_reads_too_slowly() {
+    use ferry_core::IoMode;
+    use tokio::io::AsyncReadExt;
+    within(async {
+        let modes = [
+            (IoMode::Reactor, true),
+            (IoMode::Reactor, false),
+            (IoMode::Threads, true),
+        ];
+        for (io, early_wake) in modes {
+            let (router, _events) = wire_router();
+            let config = ConnectionConfig {
+                io,
+                early_wake,
+                close_flush: Duration::from_millis(100),
+                ..ConnectionConfig::default()
+            };
+            let mut server = TestServer::start_with(router, config, Some(Duration::ZERO)).await;
+            let mut raw = RawClient::connect(&server.path).await;
+            // About 13 MB of answers; read at up to 6.4 MB/s, they would take two seconds or
+            // more, where the flush may take 100 ms.
+            raw.send_bytes(&grow_calls(|_| 64 * 1024)).await;
+            raw.stream.readable().await.unwrap();
+            server.stop().await.unwrap();
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match raw.stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+                // The slow reader's pace, not a wait for anything.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                total < 8 << 20,
+                "{io:?} (early_wake {early_wake}): {total} bytes flushed to a slow reader"
+            );
+        }
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // JSON bodies, bad bodies, unknown types
 

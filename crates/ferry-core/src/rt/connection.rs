@@ -48,7 +48,8 @@ pub struct ConnectionConfig {
     /// How the connection waits for its socket. Default: [`IoMode::Reactor`].
     pub io: IoMode,
     /// How long a closed connection keeps trying to write what is queued to a peer that does
-    /// not read, before it gives up and shuts the socket. Default: 5 s.
+    /// not read (or reads too slowly), from the close, before it gives up and shuts the
+    /// socket. Default: 5 s.
     pub close_flush: Duration,
     /// With [`IoMode::Reactor`]: keep the socket registered for writing as well as reading,
     /// as tokio's own streams are, so the reactor also wakes each time the peer reads what we
@@ -1134,6 +1135,8 @@ async fn write_loop(shared: Arc<Shared>) {
     };
     // The registration for writing while the socket is full (see `wait_writable`).
     let mut waiting: Option<AsyncFd<std::os::unix::net::UnixStream>> = None;
+    // When the flush after close must end, written or not (`close_flush` after the close).
+    let mut give_up_at: Option<tokio::time::Instant> = None;
     loop {
         let closing = shared.done.is_cancelled();
         let flushed = {
@@ -1152,9 +1155,13 @@ async fn write_loop(shared: Arc<Shared>) {
                 }
             }
             Ok(false) if closing => {
-                // A peer that stopped reading must not keep a closed connection alive forever.
-                match tokio::time::timeout(
-                    shared.close_flush,
+                // A peer that stopped reading (or reads too slowly) must not keep a closed
+                // connection alive forever: the whole flush gets `close_flush`, as with the
+                // writer thread of `IoMode::Threads`.
+                let deadline = *give_up_at
+                    .get_or_insert_with(|| tokio::time::Instant::now() + shared.close_flush);
+                match tokio::time::timeout_at(
+                    deadline,
                     wait_writable(stream, writable, &mut waiting),
                 )
                 .await
@@ -1248,8 +1255,10 @@ fn write_thread(shared: Arc<Shared>) {
     let Io::Threads { sock, wake } = &shared.io else {
         return;
     };
-    // Blocking writes wait at most this long at a time, so a close can stop waiting.
+    // Blocking writes wait at most this long at a time for room, so a close can stop waiting.
     let _ = sock.set_write_timeout(Some(Duration::from_millis(200)));
+    // The most one blocking send may take, so that a slow reader cannot hold it for long.
+    const WRITE_CHUNK: usize = 256 * 1024;
     let mut closed_at: Option<Instant> = None;
     let mut st = shared.state.lock();
     'serve: loop {
@@ -1260,8 +1269,18 @@ fn write_thread(shared: Arc<Shared>) {
             st.writing = true;
             let failed = parking_lot::MutexGuard::unlocked(&mut st, || {
                 while at < bytes.len() {
+                    // After close, the whole flush gets `close_flush`, however slowly the peer
+                    // reads. A blocking send returns once the write timeout passes without
+                    // room, but a peer that keeps reading keeps it going, so each send is
+                    // bounded to a chunk and the deadline checked between them.
+                    if shared.done.is_cancelled()
+                        && closed_at.get_or_insert_with(Instant::now).elapsed() > shared.close_flush
+                    {
+                        return Some(None);
+                    }
+                    let end = bytes.len().min(at + WRITE_CHUNK);
                     match socket2::SockRef::from(sock)
-                        .send_with_flags(&bytes[at..], libc::MSG_NOSIGNAL)
+                        .send_with_flags(&bytes[at..end], libc::MSG_NOSIGNAL)
                     {
                         Ok(n) => at += n,
                         Err(e)
@@ -1270,15 +1289,7 @@ fn write_thread(shared: Arc<Shared>) {
                                 std::io::ErrorKind::WouldBlock
                                     | std::io::ErrorKind::TimedOut
                                     | std::io::ErrorKind::Interrupted
-                            ) =>
-                        {
-                            if shared.done.is_cancelled()
-                                && closed_at.get_or_insert_with(Instant::now).elapsed()
-                                    > shared.close_flush
-                            {
-                                return Some(None);
-                            }
-                        }
+                            ) => {}
                         Err(e) => return Some(Some(format!("write failed: {e}"))),
                     }
                 }
