@@ -1,8 +1,10 @@
 //! A Rust peer for tests, benchmarks and the quick start.
 //!
 //! ```text
-//! cargo run --release -p ferry-core --example worker -- <socket-path>
+//! cargo run --release -p ferry-core --example worker -- <socket-path> [--busy-poll-us N]
 //! ```
+//!
+//! `--busy-poll-us N` sets [`ConnectionConfig::busy_poll`] on every connection (default 0: off).
 //!
 //! Prints `ready <socket-path>` once listening; on SIGINT or SIGTERM it stops accepting, lets
 //! running calls finish, removes its socket file and exits 0.
@@ -163,16 +165,29 @@ fn router() -> Router {
 
 #[tokio::main]
 async fn main() {
-    let Some(path) = std::env::args().nth(1) else {
-        eprintln!("usage: worker <socket-path>");
+    let usage = || -> ! {
+        eprintln!("usage: worker <socket-path> [--busy-poll-us N]");
         std::process::exit(2);
     };
+    let mut args = std::env::args().skip(1);
+    let Some(path) = args.next() else { usage() };
+    let mut busy_poll = Duration::ZERO;
+    while let Some(flag) = args.next() {
+        match (
+            flag.as_str(),
+            args.next().and_then(|v| v.parse::<u64>().ok()),
+        ) {
+            ("--busy-poll-us", Some(us)) => busy_poll = Duration::from_micros(us),
+            _ => usage(),
+        }
+    }
     // Keep panic output short: `panic {}` is called on purpose by the tests.
     std::panic::set_hook(Box::new(|info| eprintln!("worker: {info}")));
     // A blocked reader thread per connection answers a round trip about a quarter faster than
     // the reactor on a 2-core machine (docs/benchmarks.md); a worker has few peers.
     let config = ConnectionConfig {
         io: IoMode::Threads,
+        busy_poll,
         ..ConnectionConfig::default()
     };
     let server = match Server::bind_with(&path, router(), config).await {

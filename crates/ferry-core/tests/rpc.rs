@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::{within, TestServer};
 use ferry_core::router::{Context, HttpRequest, HttpResponse, Value};
 use ferry_core::{
-    CallOptions, Connection, ConnectionConfig, EngineConfig, Error, ErrorType, Payload, Rejection,
-    Router,
+    CallOptions, Connection, ConnectionConfig, EngineConfig, Error, ErrorType, IoMode, Payload,
+    Rejection, Router,
 };
 use serde::{de::IgnoredAny, Deserialize};
 use serde_json::json;
@@ -1022,4 +1022,56 @@ async fn dropping_a_call_cancels_it_on_both_sides() {
         assert_serves(&conn).await;
     })
     .await
+}
+
+/// Busy-polling connections in every I/O mode, on a current-thread runtime (where the reactor's
+/// polling must let the callers and the writer run, or nothing is sent while it polls): calls
+/// both ways, nested calls back and forth, large payloads and many calls in flight.
+#[test]
+fn busy_polling_connections_serve_calls_both_ways() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    common::on_own_thread(runtime, "busy polling stalled a connection", async {
+        let busy = |io| ConnectionConfig {
+            io,
+            busy_poll: Duration::from_micros(200),
+            ..ConnectionConfig::default()
+        };
+        for server_io in [IoMode::Reactor, IoMode::Threads] {
+            let router = server_router()
+                .sync_fn("add", |p: Pair| Ok::<_, String>(number(p.a + p.b)))
+                .payload_fn("echo", Ok::<_, String>);
+            let server = TestServer::start_with(router, busy(server_io), None).await;
+            for client_io in [IoMode::Reactor, IoMode::Threads] {
+                let conn = Connection::connect_with(&server.path, client_router(), busy(client_io))
+                    .await
+                    .unwrap();
+                for i in 0..200i64 {
+                    let doubled: i64 = conn
+                        .call(
+                            "call_peer",
+                            &json!({"function_name": "client_double", "params": i}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(doubled, 2 * i);
+                }
+                // Ten calls nested each way.
+                let depth: u64 = conn.call("ping", &20u64).await.unwrap();
+                assert_eq!(depth, 20);
+                let sums = (0..500i64).map(|i| {
+                    let conn = conn.clone();
+                    async move {
+                        let sum: i64 = conn.call("add", &json!({"a": i, "b": 1})).await.unwrap();
+                        assert_eq!(sum, i + 1);
+                    }
+                });
+                futures_util::future::join_all(sums).await;
+                echo_large_payloads(&conn).await;
+                conn.close();
+            }
+        }
+    });
 }

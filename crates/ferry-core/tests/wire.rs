@@ -1635,3 +1635,28 @@ async fn invocations_answered_without_ids_zapjs_style() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_busy_polling_connection_sees_the_peer_hang_up_while_it_polls() {
+    within(async {
+        // Polling for longer than the test may take: only a poll that reports the hang-up
+        // ends the connection in time.
+        let config = ConnectionConfig {
+            busy_poll: Duration::from_secs(60),
+            ..ConnectionConfig::default()
+        };
+        let (_dir, mut raw, conn) = fake_peer(config).await;
+        // One call answered, so the connection has read something and polls for more.
+        let call = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call::<_, Value>("f", &1).await }
+        });
+        let sent = raw.recv().await;
+        raw.send_bytes(&response(&sent["request_id"], Value::from(2)))
+            .await;
+        assert_eq!(call.await.unwrap().unwrap(), Value::from(2));
+        drop(raw);
+        conn.closed().await;
+    })
+    .await
+}
