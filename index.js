@@ -171,6 +171,12 @@ class RpcConnection {
       if (call !== undefined) call.reject(err)
     }
     this._native = new NativeEngine(options.maxFrameBytes ?? 0, options.sendCancel ?? true, deliver, fail, makeError, SCRATCH)
+    if (options.busyPollMicros !== undefined) {
+      if (typeof options.busyPollMicros !== 'number') {
+        throw new TypeError(`busyPollMicros must be a number, got ${typeof options.busyPollMicros}`)
+      }
+      this._native.setBusyPoll(options.busyPollMicros)
+    }
     // The per-call entry point, without napi-rs's method overhead (see src/fast.rs).
     this._handle = this._native.fastHandle()
     this._onSocket = (kind, arg, buffer) => {

@@ -31,11 +31,14 @@ export interface Worker {
   stop: () => Promise<number | null>
 }
 
-/** Starts the example worker on a fresh socket and waits for its `ready <path>` line. */
-export async function startWorker(): Promise<Worker> {
+/**
+ * Starts the example worker on a fresh socket and waits for its `ready <path>` line. `args`
+ * go after the socket path (like `--busy-poll-us 50`).
+ */
+export async function startWorker(args: string[] = []): Promise<Worker> {
   const { dir, cleanup } = tempDir()
   const socket = join(dir, 'worker.sock')
-  const child = spawn(workerBin(), [socket], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(workerBin(), [socket, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
   let err = ''
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d))
   const exited = new Promise<number | null>((res) => child.once('exit', (code) => res(code)))

@@ -7,9 +7,10 @@ const { runClient, round, sleep } = require('./common.cjs')
 
 const MIB = 1024 * 1024
 
+// `--busy-poll-us N`: the connection's busyPollMicros (default 0, as shipped).
 async function connect(o) {
   // No per-call timeout: the other peers have none either.
-  return RpcClient.connect(o.socket, { timeoutMs: 0 })
+  return RpcClient.connect(o.socket, { timeoutMs: 0, busyPollMicros: Number(o.extra['busy-poll-us'] ?? 0) })
 }
 
 // Holds `pending` sleep calls, lets the writes go out, settles, samples the RSS.

@@ -170,17 +170,20 @@ async fn main() {
         std::process::exit(2);
     };
     let mut args = std::env::args().skip(1);
-    let Some(path) = args.next() else { usage() };
-    let mut busy_poll = Duration::ZERO;
-    while let Some(flag) = args.next() {
-        match (
-            flag.as_str(),
-            args.next().and_then(|v| v.parse::<u64>().ok()),
-        ) {
-            ("--busy-poll-us", Some(us)) => busy_poll = Duration::from_micros(us),
-            _ => usage(),
+    let (mut path, mut busy_poll) = (None, Duration::ZERO);
+    while let Some(arg) = args.next() {
+        if arg == "--busy-poll-us" {
+            match args.next().and_then(|v| v.parse::<u64>().ok()) {
+                Some(us) => busy_poll = Duration::from_micros(us),
+                None => usage(),
+            }
+        } else if path.is_none() && !arg.starts_with("--") {
+            path = Some(arg);
+        } else {
+            usage();
         }
     }
+    let Some(path) = path else { usage() };
     // Keep panic output short: `panic {}` is called on purpose by the tests.
     std::panic::set_hook(Box::new(|info| eprintln!("worker: {info}")));
     // A blocked reader thread per connection answers a round trip about a quarter faster than
