@@ -19,6 +19,9 @@ type Cmd = string[]
 const node = (file: string, ...args: string[]): Cmd => [process.execPath, join(ROOT, 'benches', 'peers', file), ...args]
 const rust = (bin: string, ...args: string[]): Cmd => [join(ROOT, 'target', 'release', bin), ...args]
 const worker: Cmd = [join(ROOT, 'target', 'release', 'examples', 'worker')]
+/** The opt-in busy-polling (`busyPollMicros`, `ConnectionConfig::busy_poll`), in µs. */
+const BUSY_US = '50'
+const busyWorker: Cmd = [...worker, '--busy-poll-us', BUSY_US]
 
 interface Peer {
   id: string
@@ -39,6 +42,9 @@ const PEERS: Peer[] = [
   { key: true, id: 'floor-std', label: 'floor: raw Rust std', server: rust('floor-server', 'std'), client: rust('floor-client', 'std'), quick: true },
   { id: 'floor-tokio', label: 'floor: raw Rust tokio', server: rust('floor-server', 'tokio'), client: rust('floor-client', 'tokio'), quick: true },
   { key: true, id: 'net-msgpackr', label: 'Node net + msgpackr (corked) → Rust', server: worker, client: node('net-msgpackr.cjs'), quick: true },
+  // Opt-in busy-polling on both ends, against the pure-JS client to the same busy-polling worker.
+  { id: 'ferry-busy', label: `Ferry: Node → Rust, both busy-poll ${BUSY_US} µs (opt-in)`, server: busyWorker, client: node('ferry.cjs', '--busy-poll-us', BUSY_US) },
+  { id: 'net-msgpackr-busy', label: `Node net + msgpackr → Rust, worker busy-polls ${BUSY_US} µs`, server: busyWorker, client: node('net-msgpackr.cjs') },
   { id: 'net-json', label: 'Node net + JSON, both ends', server: node('net-json-server.cjs'), client: node('net-json.cjs') },
   { id: 'node-ipc', label: 'node-ipc 14', server: node('node-ipc-server.cjs'), client: node('node-ipc.cjs') },
   { id: 'undici-axum', label: 'undici (HTTP keep-alive) → Rust axum', server: rust('axum-server'), client: node('undici.cjs') },
@@ -261,6 +267,9 @@ function targets(results: Results) {
     add('p50 latency, ferry-core Rust→Rust / raw std floor', ratio(get(placement, 'ferry-rust', 'p50', 'p50_us'), get(placement, 'floor-std', 'p50', 'p50_us')), '≤ 1.5', (r) => r <= 1.5)
     add('calls/s (64), ferry-core Rust→Rust / raw std floor', ratio(get(placement, 'ferry-rust', 'tput64', 'calls_per_s'), get(placement, 'floor-std', 'tput64', 'calls_per_s')), '≥ 0.5', (r) => r >= 0.5)
     add('p50 latency, Rust→JS / Node→Rust', ratio(get(placement, 'ferry-rust-js', 'p50', 'p50_us'), get(placement, 'ferry', 'p50', 'p50_us')), '≤ 1.5', (r) => r <= 1.5)
+    // Not the defaults: the opt-in busy-polling, against net + msgpackr to the same worker.
+    add('busy-poll (opt-in): p50 latency, Ferry / net+msgpackr', ratio(get(placement, 'ferry-busy', 'p50', 'p50_us'), get(placement, 'net-msgpackr-busy', 'p50', 'p50_us')), '≤ 0.75', (r) => r <= 0.75)
+    add('busy-poll (opt-in): calls/s (64 in flight), Ferry / net+msgpackr', ratio(get(placement, 'ferry-busy', 'tput64', 'calls_per_s'), get(placement, 'net-msgpackr-busy', 'tput64', 'calls_per_s')), '≥ 2', (r) => r >= 2)
   }
   return checks
 }
