@@ -62,7 +62,8 @@ pub struct ConnectionConfig {
     /// for writing only while a write waits for room), like libuv's streams. Default: `true`.
     pub early_wake: bool,
     /// Busy-polling: before the connection's reader waits for the socket after it had
-    /// something to do, it keeps checking the socket for up to this long, yielding the CPU
+    /// something to do, it keeps checking the socket for up to this long (or until the
+    /// connection is closed), yielding the CPU
     /// between checks (to the runtime's other tasks and to other threads), so that an answer or
     /// call that follows soon is read by a thread that never went to sleep. On machines whose
     /// idle cores wake slowly (VMs) this removes most of a round trip's latency: measured on
@@ -731,7 +732,10 @@ async fn read_loop(shared: Arc<Shared>) {
             // The runtime's other tasks (callers, the writer) run at each `yield_now`, and its
             // reactor is polled without blocking when they are done.
             let until = std::time::Instant::now() + shared.busy_poll;
-            while !readable_now(stream.as_raw_fd()) && std::time::Instant::now() < until {
+            while !readable_now(stream.as_raw_fd())
+                && std::time::Instant::now() < until
+                && !shared.done.is_cancelled()
+            {
                 yield_cpu();
                 tokio::task::yield_now().await;
             }
@@ -1275,13 +1279,19 @@ fn read_thread(shared: Arc<Shared>) {
     };
     let mut buf = vec![0u8; 64 * 1024];
     let mut scratch = Scratch::default();
+    // As in `read_loop`: no polling before the first read.
+    let mut busy = false;
     let lost = loop {
-        if !shared.busy_poll.is_zero() {
+        if busy {
             let until = std::time::Instant::now() + shared.busy_poll;
-            while !readable_now(sock.as_raw_fd()) && std::time::Instant::now() < until {
+            while !readable_now(sock.as_raw_fd())
+                && std::time::Instant::now() < until
+                && !shared.done.is_cancelled()
+            {
                 yield_cpu();
             }
         }
+        busy = !shared.busy_poll.is_zero();
         let n = match (&*sock).read(&mut buf) {
             Ok(0) => break hung_up(&shared),
             Ok(n) => n,
