@@ -111,8 +111,8 @@ export interface ConnectionOptions {
    * checking the socket for up to this long before the loop waits (yielding the CPU between
    * checks), so that an answer that comes soon finds the thread awake. On machines whose
    * idle cores wake slowly (VMs), this removes most of a call's latency: measured on a
-   * 2-core VM with 50 on both ends, unpinned, a call's median went from about 80 to about
-   * 15 µs (docs/benchmarks.md). The cost: CPU, up to this long per loop turn, during which
+   * 2-core VM with 50 on both ends, unpinned, a call's median went from 80-100 to 12-20
+   * µs (docs/benchmarks.md). The cost: CPU, up to this long per loop turn, during which
    * other events of the loop wait too; and a few percent of latency when both processes
    * share one core. Capped at 1,000,000. A Rust peer has the same setting
    * (`ConnectionConfig::busy_poll`). 0 turns it off.

@@ -68,7 +68,7 @@ pub struct ConnectionConfig {
     /// call that follows soon is read by a thread that never went to sleep. On machines whose
     /// idle cores wake slowly (VMs) this removes most of a round trip's latency: measured on
     /// a 2-core VM with both ends polling for 50 µs, unpinned, the Node client's median call
-    /// went from about 80 to about 15 µs (docs/benchmarks.md). It costs CPU: up to this long
+    /// went from 80-100 to 12-20 µs (docs/benchmarks.md). It costs CPU: up to this long
     /// per wait, on a core that would otherwise idle, and a few percent of latency when both
     /// processes share one core. With [`IoMode::Reactor`] the polling runs on the runtime's
     /// thread, between its other tasks. Zero turns it off. Default: zero.
