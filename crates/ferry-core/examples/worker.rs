@@ -72,12 +72,20 @@ const FUNCTIONS: &[&str] = &[
     "invoke_peer",
 ];
 
-/// Numbers that are whole come back as integers, so `add {a: 2, b: 3}` answers `5`, not `5.0`.
-fn number(x: f64) -> Value {
+/// A number as it goes back: whole numbers as integers, so `add {a: 2, b: 3}` answers `5`,
+/// not `5.0`. A typed result rather than a dynamic `Value`: nothing to allocate or drop.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+fn number(x: f64) -> Number {
     if x.fract() == 0.0 && x.abs() < 9.007_199_254_740_992e15 {
-        Value::from(x as i64)
+        Number::Int(x as i64)
     } else {
-        Value::from(x)
+        Number::Float(x)
     }
 }
 

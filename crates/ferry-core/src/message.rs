@@ -364,6 +364,7 @@ impl<'a> Reader<'a> {
 
     /// A non-negative integer, or `None` (nothing consumed) when the next value is not one.
     fn try_uint(&mut self) -> DResult<Option<u64>> {
+        let start = self.pos;
         let m = self.peek()?;
         let v = match m {
             0x00..=0x7f => {
@@ -383,21 +384,32 @@ impl<'a> Reader<'a> {
             }
             _ => return Ok(None),
         };
-        Ok(u64::try_from(v).ok())
+        let n = u64::try_from(v).ok();
+        if n.is_none() {
+            // A negative integer: not one, so nothing consumed.
+            self.pos = start;
+        }
+        Ok(n)
     }
 
     /// A request id (a string or an unsigned integer), or `None` when the next value is
     /// neither.
     fn try_request_id(&mut self) -> DResult<Option<RequestId>> {
-        match self.peek()? {
-            // Small ids (Ferry's first 127) at once; other integers through `try_uint`.
-            m @ 0x00..=0x7f => {
-                self.pos += 1;
-                Ok(Some(RequestId::Int(m as u64)))
+        // Unsigned integers (all Ferry sends) straight from the bytes; the rest (strings,
+        // non-negative signed integers, and truncated ones for the error) the general way.
+        let (id, len) = match self.buf[self.pos..] {
+            [m @ 0x00..=0x7f, ..] => (m as u64, 1),
+            [0xcc, a, ..] => (a as u64, 2),
+            [0xcd, a, b, ..] => (u16::from_be_bytes([a, b]) as u64, 3),
+            [0xce, a, b, c, d, ..] => (u32::from_be_bytes([a, b, c, d]) as u64, 5),
+            [0xcf, a, b, c, d, e, f, g, h, ..] => (u64::from_be_bytes([a, b, c, d, e, f, g, h]), 9),
+            [0xa0..=0xbf | 0xd9..=0xdb, ..] => {
+                return Ok(self.try_str()?.map(|s| RequestId::Str(s.to_owned())))
             }
-            0xa0..=0xbf | 0xd9..=0xdb => Ok(self.try_str()?.map(|s| RequestId::Str(s.to_owned()))),
-            _ => Ok(self.try_uint()?.map(RequestId::Int)),
-        }
+            _ => return Ok(self.try_uint()?.map(RequestId::Int)),
+        };
+        self.pos += len;
+        Ok(Some(RequestId::Int(id)))
     }
 
     /// Skips `expected` if the next bytes are exactly it.
@@ -1176,6 +1188,79 @@ mod tests {
         for body in near {
             let body = Bytes::from(body);
             assert_eq!(decode(&body), general(&body), "{body:x?}");
+        }
+    }
+
+    /// Request ids in every integer encoding, minimal or not, signed or not, and strings, read
+    /// as rmpv reads the same value; every truncation is an error, never a wrong id.
+    #[test]
+    fn request_ids_in_every_encoding() {
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for n in [
+            0u64,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            u32::MAX as u64 + 1,
+            i64::MAX as u64,
+            u64::MAX,
+        ] {
+            let mut minimal = Vec::new();
+            rmp::encode::write_uint(&mut minimal, n).unwrap();
+            cases.push(minimal);
+            cases.push([&[0xcf][..], &n.to_be_bytes()].concat());
+            if n <= u8::MAX as u64 {
+                cases.push(vec![0xcc, n as u8]);
+            }
+            if n <= u16::MAX as u64 {
+                cases.push([&[0xcd][..], &(n as u16).to_be_bytes()].concat());
+            }
+            if n <= u32::MAX as u64 {
+                cases.push([&[0xce][..], &(n as u32).to_be_bytes()].concat());
+            }
+            if n <= i64::MAX as u64 {
+                cases.push([&[0xd3][..], &(n as i64).to_be_bytes()].concat());
+            }
+            if n <= i8::MAX as u64 {
+                cases.push(vec![0xd0, n as u8]);
+            }
+        }
+        for neg in [-1i64, -32, -33, -128, -129, i64::MIN] {
+            let mut b = Vec::new();
+            rmp::encode::write_sint(&mut b, neg).unwrap();
+            cases.push(b);
+        }
+        cases.extend([
+            b"\xa3req".to_vec(),
+            b"\xd9\x03abc".to_vec(),
+            vec![0xc0],
+            vec![0xc3],
+            b"\xcb\x3f\xf0\0\0\0\0\0\0".to_vec(),
+        ]);
+        for whole in &cases {
+            let value = rmpv::decode::read_value(&mut &whole[..]).unwrap();
+            let want = match &value {
+                rmpv::Value::Integer(i) => i.as_u64().map(RequestId::Int),
+                rmpv::Value::String(s) => s.as_str().map(RequestId::from),
+                _ => None,
+            };
+            let mut r = Reader::new(whole);
+            let got = r.try_request_id().unwrap();
+            assert_eq!(got, want, "{whole:x?}");
+            // An id is consumed whole; anything else is left for the caller's error.
+            let used = if got.is_some() { whole.len() } else { 0 };
+            assert_eq!(r.pos, used, "{whole:x?}");
+            for cut in 0..whole.len() {
+                let mut r = Reader::new(&whole[..cut]);
+                if let Ok(Some(id)) = r.try_request_id() {
+                    panic!("{:x?} truncated to {cut} bytes read as {id:?}", whole);
+                }
+            }
         }
     }
 
