@@ -132,6 +132,9 @@ struct State {
     /// outside the lock with `writing` set, while nobody else writes.
     unsent: Vec<u8>,
     writing: bool,
+    /// Set by a call that woke the writer, cleared by the writer when it takes what is queued:
+    /// while set, further calls need not wake it again (one wake-up per batch of calls).
+    writer_woken: bool,
     sent: usize,
     spare: Vec<u8>,
     /// Tasks running the peer's calls, by the peer's id, so `cancel` can stop them.
@@ -283,6 +286,7 @@ impl Connection {
                 engine: Engine::new(config.engine),
                 unsent: Vec::new(),
                 writing: false,
+                writer_woken: false,
                 sent: 0,
                 spare: Vec::new(),
                 running: HashMap::new(),
@@ -413,14 +417,21 @@ impl Connection {
                     self.shared.wake_timer.notify_one();
                 }
             }
-            Answer {
-                shared: &self.shared,
-                id,
-                slot,
-                state: AnswerState::Registered,
-            }
+            let wake = !std::mem::replace(&mut st.writer_woken, true);
+            (
+                Answer {
+                    shared: &self.shared,
+                    id,
+                    slot,
+                    state: AnswerState::Registered,
+                },
+                wake,
+            )
         };
-        self.shared.wake_writer();
+        let (answer, wake) = answer;
+        if wake {
+            self.shared.wake_writer();
+        }
         Ok(answer)
     }
 
@@ -1193,6 +1204,7 @@ async fn write_loop(shared: Arc<Shared>) {
         let closing = shared.done.is_cancelled();
         let flushed = {
             let mut st = shared.state.lock();
+            st.writer_woken = false;
             try_flush(&shared.io, &mut st)
         };
         if matches!(flushed, Ok(true)) {
@@ -1326,6 +1338,7 @@ fn write_thread(shared: Arc<Shared>) {
     let mut closed_at: Option<Instant> = None;
     let mut st = shared.state.lock();
     'serve: loop {
+        st.writer_woken = false;
         take_output(&mut st);
         if st.sent < st.unsent.len() {
             let bytes = std::mem::take(&mut st.unsent);
