@@ -36,6 +36,7 @@
 
 pub mod engine;
 pub mod error;
+mod fast_de;
 pub mod frame;
 pub mod message;
 pub mod router;

@@ -88,9 +88,10 @@ impl Payload {
         Payload(bytes.into())
     }
 
-    /// Decodes into a serde type.
+    /// Decodes into a serde type, with the same result as `rmp_serde::from_slice` (through a
+    /// leaner decoder of Ferry's own, which leaves errors and rare types to rmp-serde).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(&self.0)
+        crate::fast_de::from_slice(&self.0)
     }
 
     /// Decodes into a dynamic MessagePack value.
