@@ -441,60 +441,69 @@ impl<'a> Reader<'a> {
     /// Generic rather than `dyn`, so that the walk compiles without a call per value.
     #[inline]
     fn skip_value_with(&mut self, mut on_f64: impl FnMut(usize)) -> DResult<()> {
+        // On locals, with the checks inline: this walks every params and result value.
+        let buf = self.buf;
+        let mut pos = self.pos;
         let mut remaining: u64 = 1;
+        // A big-endian length of `n` bytes at `pos`.
+        let be = |pos: &mut usize, n: usize| -> DResult<u64> {
+            let b = buf.get(*pos..*pos + n).ok_or_else(Self::eof)?;
+            *pos += n;
+            Ok(b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64))
+        };
         while remaining > 0 {
             remaining -= 1;
-            let m = self.u8()?;
+            let Some(&m) = buf.get(pos) else {
+                return Err(Self::eof());
+            };
+            pos += 1;
             // The common small values first: fixints, nil and bools have no bytes to skip,
             // fixmaps and fixarrays only add their entries to the values to skip, and a fixstr
             // is its length.
-            match m {
+            let (skip, children): (u64, u64) = match m {
                 0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => continue,
-                0x80..=0x9f => {
-                    let n = (m & 0x0f) as u64;
-                    remaining += if m < 0x90 { 2 * n } else { n };
-                    if remaining > (self.buf.len() - self.pos) as u64 {
+                0x80..=0x8f => (0, 2 * (m & 0x0f) as u64),
+                0x90..=0x9f => (0, (m & 0x0f) as u64),
+                0xa0..=0xbf => {
+                    pos += (m & 0x1f) as usize;
+                    if pos > buf.len() {
                         return Err(Self::eof());
                     }
                     continue;
                 }
-                0xa0..=0xbf => {
-                    self.take((m & 0x1f) as usize)?;
-                    continue;
-                }
-                _ => {}
-            }
-            if m == 0xcb {
-                on_f64(self.pos - 1);
-            }
-            let (skip, children): (u64, u64) = match m {
-                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
-                0x80..=0x8f => (0, 2 * (m & 0x0f) as u64),
-                0x90..=0x9f => (0, (m & 0x0f) as u64),
-                0xa0..=0xbf => ((m & 0x1f) as u64, 0),
                 0xc1 => return Err(DecodeError::bad("invalid MessagePack marker 0xc1")),
-                0xc4 | 0xd9 => (self.be(1)?, 0),
-                0xc5 | 0xda => (self.be(2)?, 0),
-                0xc6 | 0xdb => (self.be(4)?, 0),
-                0xc7 => (self.be(1)? + 1, 0),
-                0xc8 => (self.be(2)? + 1, 0),
-                0xc9 => (self.be(4)? + 1, 0),
+                0xc4 | 0xd9 => (be(&mut pos, 1)?, 0),
+                0xc5 | 0xda => (be(&mut pos, 2)?, 0),
+                0xc6 | 0xdb => (be(&mut pos, 4)?, 0),
+                0xc7 => (be(&mut pos, 1)? + 1, 0),
+                0xc8 => (be(&mut pos, 2)? + 1, 0),
+                0xc9 => (be(&mut pos, 4)? + 1, 0),
                 0xca => (4, 0),
-                0xcb => (8, 0),
+                0xcb => {
+                    on_f64(pos - 1);
+                    (8, 0)
+                }
                 0xcc..=0xcf => (1 << (m - 0xcc), 0),
                 0xd0..=0xd3 => (1 << (m - 0xd0), 0),
                 0xd4..=0xd8 => (1 + (1 << (m - 0xd4)), 0),
-                0xdc => (0, self.be(2)?),
-                0xdd => (0, self.be(4)?),
-                0xde => (0, 2 * self.be(2)?),
-                0xdf => (0, 2 * self.be(4)?),
+                0xdc => (0, be(&mut pos, 2)?),
+                0xdd => (0, be(&mut pos, 4)?),
+                0xde => (0, 2 * be(&mut pos, 2)?),
+                0xdf => (0, 2 * be(&mut pos, 4)?),
             };
-            self.take(usize::try_from(skip).map_err(|_| Self::eof())?)?;
+            // `skip` is at most 2^32: no overflow on 64-bit targets.
+            pos = pos
+                .checked_add(usize::try_from(skip).map_err(|_| Self::eof())?)
+                .filter(|&p| p <= buf.len())
+                .ok_or_else(Self::eof)?;
             remaining += children;
-            if remaining > (self.buf.len() - self.pos) as u64 {
+            // Each value takes at least a byte: more values than bytes left is a truncation
+            // (which also bounds the work for hostile counts).
+            if remaining > (buf.len() - pos) as u64 {
                 return Err(Self::eof());
             }
         }
+        self.pos = pos;
         Ok(())
     }
 }
