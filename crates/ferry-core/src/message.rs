@@ -577,15 +577,18 @@ pub fn decode(body: &Bytes) -> Result<Message, DecodeError> {
     fields.into_message()
 }
 
-/// A string of `body` as a [`ByteString`] sharing its memory, checked to be UTF-8.
+/// A string of `body` as a [`ByteString`] sharing its memory, checked to be UTF-8. `s` must
+/// be a slice of `body`.
 fn text(body: &Bytes, s: &[u8]) -> DResult<ByteString> {
+    // Its offset, for `slice` (cheaper than `slice_ref`, which checks that it is a subslice).
+    let start = s.as_ptr() as usize - body.as_ptr() as usize;
+    let shared = body.slice(start..start + s.len());
     if s.is_ascii() {
         // SAFETY: ASCII is UTF-8. (Function names are nearly always ASCII, and checking that
         // costs a fraction of the general UTF-8 check.)
-        return Ok(unsafe { ByteString::from_bytes_unchecked(body.slice_ref(s)) });
+        return Ok(unsafe { ByteString::from_bytes_unchecked(shared) });
     }
-    ByteString::try_from(body.slice_ref(s))
-        .map_err(|_| DecodeError::bad("string is not valid UTF-8"))
+    ByteString::try_from(shared).map_err(|_| DecodeError::bad("string is not valid UTF-8"))
 }
 
 /// The two messages of every call, in the exact layout Ferry writes them (and ZapJS's serde
@@ -827,11 +830,28 @@ fn w_map(out: &mut Vec<u8>, n: u32) {
 }
 
 fn w_str(out: &mut Vec<u8>, s: &str) {
-    rmp::encode::write_str(out, s).expect("Vec write");
+    // Short strings (function names, keys) with one write; longer ones through rmp.
+    if s.len() < 32 {
+        out.push(0xa0 | s.len() as u8);
+        out.extend_from_slice(s.as_bytes());
+    } else {
+        rmp::encode::write_str(out, s).expect("Vec write");
+    }
 }
 
+/// An unsigned integer in its shortest MessagePack form (as rmp writes it), in one write.
 fn w_uint(out: &mut Vec<u8>, n: u64) {
-    rmp::encode::write_uint(out, n).expect("Vec write");
+    let b = n.to_be_bytes();
+    match n {
+        0..=0x7f => out.push(n as u8),
+        0x80..=0xff => out.extend_from_slice(&[0xcc, n as u8]),
+        0x100..=0xffff => out.extend_from_slice(&[0xcd, b[6], b[7]]),
+        0x1_0000..=0xffff_ffff => out.extend_from_slice(&[0xce, b[4], b[5], b[6], b[7]]),
+        _ => {
+            out.push(0xcf);
+            out.extend_from_slice(&b);
+        }
+    }
 }
 
 fn w_id(out: &mut Vec<u8>, id: &RequestId) {
@@ -1271,6 +1291,37 @@ mod tests {
                     panic!("{:x?} truncated to {cut} bytes read as {id:?}", whole);
                 }
             }
+        }
+    }
+
+    /// Ferry's own integer and string writers give rmp's bytes, at every width's edges.
+    #[test]
+    fn writers_match_rmp() {
+        for n in [
+            0u64,
+            1,
+            0x7f,
+            0x80,
+            0xff,
+            0x100,
+            0xffff,
+            0x1_0000,
+            0xffff_ffff,
+        ]
+        .into_iter()
+        .chain([1u64 << 32, u64::MAX - 1, u64::MAX])
+        {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            w_uint(&mut ours, n);
+            rmp::encode::write_uint(&mut theirs, n).unwrap();
+            assert_eq!(ours, theirs, "{n}");
+        }
+        for len in [0, 1, 30, 31, 32, 33, 255, 256, 70_000] {
+            let s = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            w_str(&mut ours, &s);
+            rmp::encode::write_str(&mut theirs, &s).unwrap();
+            assert_eq!(ours, theirs, "{len}");
         }
     }
 
