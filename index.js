@@ -202,7 +202,6 @@ class RpcConnection {
     this._handlers = new Map()
     this._routes = new Map()
     this._timer = null
-    this._timerAt = Infinity
     this._onTimer = () => this._expire()
     this._socketOpen = false
     this._closeTimer = null
@@ -274,10 +273,14 @@ class RpcConnection {
     } catch (e) {
       return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
     }
-    const id = isCall
+    let id = isCall
       ? fastCall(this._handle, name, packed, packed.start, packed.end, timeoutMs)
       : this._native.invoke(name, packed.subarray(packed.start, packed.end), timeoutMs)
     if (id === 0) return Promise.reject(this._native.takeError())
+    // A negated id: this call's deadline comes before the one the timer is armed for (the
+    // engine keeps track, so no clock is read here).
+    const arm = id < 0
+    if (arm) id = -id
     const promise = new Promise((resolve, reject) => this._pending.add({ id, resolve, reject }))
     if (signal) {
       const onAbort = () => {
@@ -291,10 +294,7 @@ class RpcConnection {
       const cleanup = () => signal.removeEventListener('abort', onAbort)
       promise.then(cleanup, cleanup)
     }
-    if (timeoutMs > 0) {
-      const at = performance.now() + timeoutMs
-      if (at < this._timerAt) this._armTimer()
-    }
+    if (arm) this._armTimer()
     // The engine writes the frame before the loop next waits, and holds the process open
     // while the call is pending.
     return promise
@@ -374,22 +374,20 @@ class RpcConnection {
     this._resolveClosed()
   }
 
+  /** (Re)arms the timer for the earliest deadline, which the engine then remembers. */
   _armTimer() {
     if (this._timer) clearTimeout(this._timer)
     this._timer = null
-    this._timerAt = Infinity
     if (this._closed) return
     const ms = this._native.nextDeadlineMs()
     if (ms < 0) return
     // The timer never holds the process open by itself: a pending call refs the socket.
     const delay = Math.min(Math.ceil(ms), MAX_TIMER_MS)
     this._timer = setTimeout(this._onTimer, delay).unref()
-    this._timerAt = performance.now() + delay
   }
 
   _expire() {
     this._timer = null
-    this._timerAt = Infinity
     if (this._closed) return
     this._native.expire()
     this._armTimer()

@@ -104,6 +104,25 @@ test('a timeout rejects with ERR_FERRY_TIMEOUT and the connection goes on', asyn
   await Promise.all([c.close(), quick.close()])
 })
 
+test('each timeout fires at its own deadline, whatever order the calls came in, never before it', async (t) => {
+  const c = await RpcClient.connect(worker.socket)
+  const started = performance.now()
+  // Armed for the long one first; the short one made after it must fire on its own.
+  const long = c.call('sleep', { ms: 10_000 }, { timeoutMs: 1500 })
+  const longDone = rejects(t, long, 'ERR_FERRY_TIMEOUT').then(() => performance.now() - started)
+  const short = c.call('sleep', { ms: 10_000 }, { timeoutMs: 100 })
+  await rejects(t, short, 'ERR_FERRY_TIMEOUT')
+  t.is(c.pendingCalls, 1, 'the long call is still pending when the short one times out')
+  // A later deadline than the armed one: fires once the timer moves on to it.
+  const laterStarted = performance.now()
+  const later = c.call('sleep', { ms: 10_000 }, { timeoutMs: 2000 })
+  t.true((await longDone) >= 1500, 'not before its deadline')
+  await rejects(t, later, 'ERR_FERRY_TIMEOUT')
+  t.true(performance.now() - laterStarted >= 2000, 'not before its deadline')
+  t.is(c.pendingCalls, 0)
+  await c.close()
+})
+
 test('AbortSignal cancels a pending call', async (t) => {
   const c = await RpcClient.connect(worker.socket)
   const ac = new AbortController()
