@@ -646,7 +646,7 @@ impl<T> Engine<T> {
                     }));
                 }
             };
-            match message::decode(&body) {
+            match message::decode_owned(body) {
                 Ok(msg) => {
                     if let Some(ev) = self.on_message(msg) {
                         return Some(ev);
