@@ -617,6 +617,11 @@ impl<T> Engine<T> {
         !self.out.is_empty()
     }
 
+    /// How many bytes of frames are waiting to be written.
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+
     /// Takes the frames waiting to be written, leaving `spare` (cleared) in their place so the
     /// two buffers can be reused turn about.
     pub fn take_output(&mut self, mut spare: Vec<u8>) -> Vec<u8> {
