@@ -12,7 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_core::engine::{Deadline, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
+use ferry_core::engine::{
+    Deadline, EarlyWrites, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply,
+};
 use ferry_core::message::normalize_whole_floats;
 use ferry_core::message::ByteString;
 use ferry_core::{Error as CoreError, ErrorType, Payload, RequestId};
@@ -92,38 +94,11 @@ pub struct NativeEngine {
     /// The earliest deadline when the wrapper last armed its timer (`nextDeadlineMs`): a call
     /// with an earlier deadline, or any deadline when there was none, needs it armed again.
     armed: Option<Instant>,
-    /// Whether frames go out before the end of the loop turn once enough are queued (see
-    /// `flush_early`): only when this process may run on more than one CPU.
-    early_flush: bool,
-    /// The queued bytes at which the next early flush of this loop turn happens.
-    early_at: usize,
+    /// When frames go out before the end of the loop turn (see `flush_early`).
+    early: EarlyWrites,
     /// The error of an early flush, left for the next regular flush to report (an early flush
     /// runs inside a call from JS, where the connection's loss cannot be announced).
     write_failed: Option<std::io::Error>,
-}
-
-/// The bytes queued in one loop turn at which they are first written early (see
-/// `NativeEngine::flush_early`); each early write of the turn doubles it.
-const EARLY_FLUSH_BYTES: usize = 512;
-
-/// Whether this process may run on more than one CPU (its affinity mask, as libuv's
-/// `os.availableParallelism()` reads it), checked once.
-fn runs_on_many_cpus() -> bool {
-    static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *MANY.get_or_init(|| {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            // SAFETY: a zeroed cpu_set_t is a valid empty set, and the size passed is its own.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
-                {
-                    return libc::CPU_COUNT(&set) > 1;
-                }
-            }
-        }
-        std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
-    })
 }
 
 fn bad_arg(msg: impl Into<String>) -> napi::Error {
@@ -180,8 +155,7 @@ impl NativeEngine {
             busy_poll: Duration::ZERO,
             read_since_poll: false,
             armed: None,
-            early_flush: runs_on_many_cpus(),
-            early_at: EARLY_FLUSH_BYTES,
+            early: EarlyWrites::new(),
             write_failed: None,
         })
     }
@@ -828,31 +802,23 @@ impl NativeEngine {
         }
     }
 
-    /// Called after a call or an answer was queued: once the frames queued in this loop turn
-    /// reach `early_at` bytes, writes them now instead of at the end of the turn, so that the
-    /// peer starts on them while JS goes on queuing more, and doubles `early_at` for the rest
-    /// of the turn (a turn that queues N bytes writes about log2(N / 512) times early, then
-    /// once at its end). Frames queued by one turn used to travel as one batch, each side idle
-    /// while the other worked on it; measured on a 2-core VM, unpinned, 64 calls in flight:
-    /// about 2x the calls per second, +15-30% with 1,024 (docs/benchmarks.md). With both
-    /// processes on one CPU there is nothing to overlap and the extra writes cost a quarter of
-    /// the calls per second, so a process that may run on one CPU only never writes early.
+    /// Called after a call or an answer was queued: writes the frames queued in this loop turn
+    /// now, rather than at its end, when [`EarlyWrites`] says so, so that the peer starts on
+    /// them while JS goes on queuing more (measured on a 2-core VM, unpinned, 64 calls in
+    /// flight: about 2x the calls per second, +15-30% with 1,024; docs/benchmarks.md).
     #[inline]
     fn flush_early(&mut self) {
-        if !self.early_flush || self.engine.output_len() < self.early_at {
-            return;
-        }
-        if self.write_failed.is_some() {
-            return;
-        }
         let len = self.engine.output_len();
+        if !self.early.due(len) || self.write_failed.is_some() {
+            return;
+        }
         let r = self.flush_out();
-        self.early_at = 2 * len;
+        self.early.wrote(len);
         if let Err(e) = r {
             self.write_failed = Some(e);
         }
         // The turn's end must run `on_prepare` (even with nothing left to write): it reports a
-        // failed write and resets `early_at` for the next turn.
+        // failed write and starts the next turn's count of early writes.
         if let Some(s) = self.socket.as_mut() {
             s.arm::<NativeEngine>();
         }
@@ -1106,7 +1072,7 @@ impl Driver for NativeEngine {
         (*this).touched();
         // Promise continuations run here: a sequential caller queues its next call.
         drop(scope);
-        (*this).early_at = EARLY_FLUSH_BYTES;
+        (*this).early.end_batch();
         if (*this).socket.as_ref().is_some_and(|s| !s.ending) {
             if let Err(e) = (*this).flush_out() {
                 let Some(s) = (*this).socket.as_ref() else {
@@ -1121,7 +1087,7 @@ impl Driver for NativeEngine {
     }
 
     unsafe fn on_prepare(this: *mut Self) {
-        (*this).early_at = EARLY_FLUSH_BYTES;
+        (*this).early.end_batch();
         let written = (*this).flush_out();
         let Some(s) = (*this).socket.as_ref() else {
             return;

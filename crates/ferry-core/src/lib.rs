@@ -42,7 +42,7 @@ pub mod message;
 pub mod router;
 pub mod rt;
 
-pub use engine::{Deadline, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
+pub use engine::{Deadline, EarlyWrites, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
 pub use error::{Error, ErrorType, Result};
 pub use message::{Message, Payload, RequestId};
 pub use router::{Context, Rejection, Router};

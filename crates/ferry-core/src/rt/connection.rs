@@ -23,7 +23,9 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
-use crate::engine::{Deadline, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
+use crate::engine::{
+    Deadline, EarlyWrites, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply,
+};
 use crate::error::{Error, ErrorType, Result};
 use crate::message::{codes, ByteString, Payload, RequestId};
 use crate::router::{Context, Dispatched, HttpResponse, Router};
@@ -135,6 +137,9 @@ struct State {
     /// Set by a call that woke the writer, cleared by the writer when it takes what is queued:
     /// while set, further calls need not wake it again (one wake-up per batch of calls).
     writer_woken: bool,
+    /// When calls made in one turn of the runtime are written before the writer's turn (see
+    /// [`EarlyWrites`]); the writer starts the count over each time it takes what is queued.
+    early: EarlyWrites,
     sent: usize,
     spare: Vec<u8>,
     /// Tasks running the peer's calls, by the peer's id, so `cancel` can stop them.
@@ -287,6 +292,7 @@ impl Connection {
                 unsent: Vec::new(),
                 writing: false,
                 writer_woken: false,
+                early: EarlyWrites::new(),
                 sent: 0,
                 spare: Vec::new(),
                 running: HashMap::new(),
@@ -416,6 +422,14 @@ impl Connection {
                     st.timer_at = Some(d.at);
                     self.shared.wake_timer.notify_one();
                 }
+            }
+            let queued = st.engine.output_len();
+            if st.early.due(queued) {
+                // The peer starts on these while the tasks of this turn queue more. An error is
+                // left in place for the writer (woken by this batch's first call), which meets
+                // it again and ends the connection.
+                let _ = try_flush(&self.shared.io, &mut st);
+                st.early.wrote(queued);
             }
             let wake = !std::mem::replace(&mut st.writer_woken, true);
             (
@@ -1205,6 +1219,7 @@ async fn write_loop(shared: Arc<Shared>) {
         let flushed = {
             let mut st = shared.state.lock();
             st.writer_woken = false;
+            st.early.end_batch();
             try_flush(&shared.io, &mut st)
         };
         if matches!(flushed, Ok(true)) {
@@ -1339,6 +1354,7 @@ fn write_thread(shared: Arc<Shared>) {
     let mut st = shared.state.lock();
     'serve: loop {
         st.writer_woken = false;
+        st.early.end_batch();
         take_output(&mut st);
         if st.sent < st.unsent.len() {
             let bytes = std::mem::take(&mut st.unsent);
