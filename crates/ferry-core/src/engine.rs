@@ -165,7 +165,7 @@ mod clock {
     use std::sync::OnceLock;
     use std::time::{Duration, Instant};
 
-    /// A precise instant and the coarse clock read right after it, and the slack that puts
+    /// A precise instant and the coarse clock read right before it, and the slack that puts
     /// estimates at or after the true time.
     struct Base {
         instant: Instant,
@@ -213,23 +213,49 @@ mod clock {
             if res > Duration::from_millis(10) {
                 return None;
             }
-            let instant = Instant::now();
-            let coarse = coarse()?;
-            // The coarse clock lags the precise one (which `Instant` reads) by less than a
-            // tick, both at the base and now: two ticks of slack cover both lags.
-            Some(Base {
-                instant,
-                coarse,
-                slack: 2 * res,
-            })
+            take_base(res, coarse, Instant::now)
         })
         .as_ref()
+    }
+
+    /// Pairs a reading of the coarse clock with an `Instant` taken after it. The coarse clock
+    /// lags the precise one (which `Instant` reads) by less than a tick; read first, its value
+    /// is at most the precise time at the `Instant`, so estimates made from the pair err late,
+    /// never early, however long this thread is preempted between the two readings (read the
+    /// other way round, such a preemption would make every estimate of the process early by
+    /// its length). A second coarse reading bounds how late: when more than a tick passed
+    /// between the readings, they are taken again (a few times at most; the last pair is kept,
+    /// still late rather than early). Two ticks of slack cover the lag of the coarse clock.
+    fn take_base(
+        res: Duration,
+        mut coarse: impl FnMut() -> Option<Duration>,
+        mut now: impl FnMut() -> Instant,
+    ) -> Option<Base> {
+        let mut attempts = 0;
+        loop {
+            let before = coarse()?;
+            let instant = now();
+            let after = coarse()?;
+            attempts += 1;
+            if after.saturating_sub(before) <= res || attempts == 8 {
+                return Some(Base {
+                    instant,
+                    coarse: before,
+                    slack: 2 * res,
+                });
+            }
+        }
+    }
+
+    /// The estimate of now from `base` and a coarse reading taken now.
+    fn estimate(b: &Base, now: Duration) -> Instant {
+        b.instant + now.saturating_sub(b.coarse) + b.slack
     }
 
     /// An instant at or after now (by at most about three ticks of the coarse clock).
     pub(super) fn approx_now() -> Instant {
         match base().and_then(|b| Some((b, coarse()?))) {
-            Some((b, now)) => b.instant + now.saturating_sub(b.coarse) + b.slack,
+            Some((b, now)) => estimate(b, now),
             None => Instant::now(),
         }
     }
@@ -237,6 +263,62 @@ mod clock {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        /// With a simulated clock, and this thread preempted between any two of the readings
+        /// that make the base: estimates are never early, and late by a few ticks at most
+        /// unless the preemption fell between the coarse reading and the `Instant`.
+        #[test]
+        fn a_preempted_base_errs_late_never_early() {
+            use std::cell::Cell;
+            let res = Duration::from_millis(4);
+            let origin = Instant::now();
+            // The coarse clock shows the last tick of the true time.
+            let tick = |t: Duration| {
+                let r = res.as_nanos();
+                Duration::from_nanos((t.as_nanos() / r * r) as u64)
+            };
+            for start_us in [0u64, 1_000, 3_999, 4_000, 123_456] {
+                for gap in [Duration::from_micros(1_300), res * 5, res * 100] {
+                    for preempt_after in 0..3 {
+                        let t = Cell::new(Duration::from_micros(start_us));
+                        let reads = Cell::new(0);
+                        let after_read = || {
+                            if reads.get() == preempt_after {
+                                t.set(t.get() + gap);
+                            }
+                            reads.set(reads.get() + 1);
+                        };
+                        let base = take_base(
+                            res,
+                            || {
+                                let v = tick(t.get());
+                                after_read();
+                                Some(v)
+                            },
+                            || {
+                                let v = origin + t.get();
+                                after_read();
+                                v
+                            },
+                        )
+                        .unwrap();
+                        for later_us in [0u64, 1, 2_500, 3_999, 4_000, 10_007, 1_000_000] {
+                            let now = t.get() + Duration::from_micros(later_us);
+                            let est = estimate(&base, tick(now));
+                            let truth = origin + now;
+                            assert!(
+                                est >= truth,
+                                "{:?} early (start {start_us} us, gap {gap:?}, preempted after read {preempt_after})",
+                                truth - est
+                            );
+                            if preempt_after != 0 {
+                                assert!(est <= truth + 3 * res, "{:?} late", est - truth);
+                            }
+                        }
+                    }
+                }
+            }
+        }
 
         /// Never before the precise clock, and never far after it.
         #[test]
