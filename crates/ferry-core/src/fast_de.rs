@@ -23,22 +23,46 @@ pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(
 ) -> Result<T, rmp_serde::decode::Error> {
     match try_from_slice(bytes) {
         Ok(v) => Ok(v),
-        Err(Bail) => rmp_serde::from_slice(bytes),
+        Err(Bail(())) => rmp_serde::from_slice(bytes),
     }
 }
 
 /// The fast pass alone: `Err(Bail)` where rmp-serde must decide.
+///
+/// Also when the pass gave up somewhere and the type's own code swallowed that (a
+/// `deserialize_with` that maps any error to a default, say) and went on: the pass had not
+/// consumed what it gave up on, so what followed could decode differently. Every [`Bail`] is
+/// made by [`bail`], which notes it for the pass under way on this thread.
 pub(crate) fn try_from_slice<'de, T: de::Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, Bail> {
-    T::deserialize(&mut Fast {
+    // Saved and restored: a type's code may decode another payload in the middle of this one.
+    let outer = BAILED.replace(false);
+    let r = T::deserialize(&mut Fast {
         buf: bytes,
         pos: 0,
         depth: 0,
-    })
+    });
+    let bailed = BAILED.replace(outer);
+    match r {
+        Ok(_) if bailed => Err(Bail(())),
+        r => r,
+    }
+}
+
+thread_local! {
+    /// Whether the fast pass under way on this thread gave up anywhere.
+    static BAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The fast pass gives up: the only way to make a [`Bail`].
+#[cold]
+fn bail() -> Bail {
+    BAILED.set(true);
+    Bail(())
 }
 
 /// The fast pass gave up; carries nothing, so results stay small.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Bail;
+pub(crate) struct Bail(());
 
 impl std::fmt::Display for Bail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,7 +75,7 @@ impl std::error::Error for Bail {}
 impl de::Error for Bail {
     #[cold]
     fn custom<T: std::fmt::Display>(_msg: T) -> Self {
-        Bail
+        bail()
     }
 }
 
@@ -64,13 +88,13 @@ struct Fast<'de> {
 impl<'de> Fast<'de> {
     #[inline]
     fn peek(&self) -> Result<u8, Bail> {
-        self.buf.get(self.pos).copied().ok_or(Bail)
+        self.buf.get(self.pos).copied().ok_or_else(bail)
     }
 
     #[inline]
     fn take(&mut self, n: usize) -> Result<&'de [u8], Bail> {
-        let end = self.pos.checked_add(n).ok_or(Bail)?;
-        let s = self.buf.get(self.pos..end).ok_or(Bail)?;
+        let end = self.pos.checked_add(n).ok_or_else(bail)?;
+        let s = self.buf.get(self.pos..end).ok_or_else(bail)?;
         self.pos = end;
         Ok(s)
     }
@@ -111,7 +135,7 @@ impl<'de> Fast<'de> {
             0xd3 => visitor.visit_i64(i64::from_be_bytes(self.array()?)),
             0xca => visitor.visit_f32(f32::from_be_bytes(self.array()?)),
             0xcb => visitor.visit_f64(f64::from_be_bytes(self.array()?)),
-            _ => Err(Bail),
+            _ => Err(bail()),
         }
     }
 
@@ -150,7 +174,7 @@ impl<'de> Fast<'de> {
                 }
             }
             // Ext types (and the reserved 0xc1): rmp-serde's business.
-            0xc1 | 0xc7..=0xc9 | 0xd4..=0xd8 => Err(Bail),
+            0xc1 | 0xc7..=0xc9 | 0xd4..=0xd8 => Err(bail()),
             _ => self.number(m, visitor),
         }
     }
@@ -173,7 +197,7 @@ impl<'de> Fast<'de> {
 
     fn enter(&mut self) -> Result<(), Bail> {
         if self.depth >= MAX_DEPTH {
-            return Err(Bail);
+            return Err(bail());
         }
         self.depth += 1;
         Ok(())
@@ -185,7 +209,7 @@ impl<'de> Fast<'de> {
         let v = visitor.visit_seq(&mut access)?;
         // rmp-serde fails when the visitor did not take every element.
         if access.left != 0 {
-            return Err(Bail);
+            return Err(bail());
         }
         self.depth -= 1;
         Ok(v)
@@ -196,7 +220,7 @@ impl<'de> Fast<'de> {
         let mut access = Access { de: self, left: n };
         let v = visitor.visit_map(&mut access)?;
         if access.left != 0 {
-            return Err(Bail);
+            return Err(bail());
         }
         self.depth -= 1;
         Ok(v)
@@ -284,11 +308,11 @@ impl<'de> de::Deserializer<'de> for &mut Fast<'de> {
     }
 
     fn deserialize_i128<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Bail> {
-        Err(Bail)
+        Err(bail())
     }
 
     fn deserialize_u128<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Bail> {
-        Err(Bail)
+        Err(bail())
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Bail> {
@@ -320,7 +344,7 @@ impl<'de> de::Deserializer<'de> for &mut Fast<'de> {
             _ => return visitor.visit_enum(UnitVariant(self)),
         };
         if len != 1 {
-            return Err(Bail);
+            return Err(bail());
         }
         visitor.visit_enum(Variant(self))
     }
@@ -332,7 +356,7 @@ impl<'de> de::Deserializer<'de> for &mut Fast<'de> {
     ) -> Result<V::Value, Bail> {
         // rmp-serde's ext type wrapper.
         if name == "_ExtStruct" {
-            return Err(Bail);
+            return Err(bail());
         }
         visitor.visit_newtype_struct(self)
     }
@@ -405,11 +429,11 @@ impl<'de> de::VariantAccess<'de> for UnitVariant<'_, 'de> {
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, _seed: T) -> Result<T::Value, Bail> {
-        Err(Bail)
+        Err(bail())
     }
 
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, _visitor: V) -> Result<V::Value, Bail> {
-        Err(Bail)
+        Err(bail())
     }
 
     fn struct_variant<V: Visitor<'de>>(
@@ -417,7 +441,7 @@ impl<'de> de::VariantAccess<'de> for UnitVariant<'_, 'de> {
         _fields: &'static [&'static str],
         _visitor: V,
     ) -> Result<V::Value, Bail> {
-        Err(Bail)
+        Err(bail())
     }
 }
 
@@ -440,7 +464,7 @@ impl<'de> de::VariantAccess<'de> for Variant<'_, 'de> {
     fn unit_variant(self) -> Result<(), Bail> {
         // The data of a unit variant must be nil.
         if self.0.peek()? != 0xc0 {
-            return Err(Bail);
+            return Err(bail());
         }
         self.0.pos += 1;
         Ok(())
@@ -648,6 +672,19 @@ mod tests {
         e: Option<E>,
     }
 
+    /// A type whose own code swallows errors: a field that becomes `None` when it does not
+    /// decode (here, always through the fast pass, which leaves 128-bit integers to rmp-serde).
+    #[derive(Debug, Deserialize)]
+    struct Lenient {
+        #[serde(default, deserialize_with = "lenient")]
+        a: Option<u128>,
+        b: Option<u8>,
+    }
+
+    fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u128>, D::Error> {
+        Ok(u128::deserialize(d).ok())
+    }
+
     /// Encodings of the types above (named and compact), so that the corpus holds inputs
     /// that decode, not only noise.
     fn samples() -> Vec<Vec<u8>> {
@@ -778,9 +815,11 @@ mod tests {
             (u8, String), [u16; 3], BTreeMap<String, i32>, BTreeMap<u32, bool>,
             rmpv::Value, serde_json::Value, serde::de::IgnoredAny, i128, u128,
             Pair, Defaults, Strict, Newtype, Tuple, Unit, E, Untagged, Tagged, Flat, Nested,
+            Lenient,
         );
         // Every type decodes some inputs by itself, except the 128-bit integers, which it
-        // leaves to rmp-serde.
+        // leaves to rmp-serde (and `Lenient`, whose `a` it never decodes, only where `a` is
+        // absent).
         for (t, n) in fast {
             if t == "i128" || t == "u128" {
                 assert_eq!(n, 0, "{t}");
@@ -788,6 +827,19 @@ mod tests {
                 assert!(n > 0, "the fast pass decoded no {t} at all");
             }
         }
+    }
+
+    /// Where the type's own code swallowed the fast pass giving up, the pass had not consumed
+    /// the value it gave up on: the whole input goes to rmp-serde, not the pass's guess.
+    #[test]
+    fn a_swallowed_give_up_still_goes_to_rmp_serde() {
+        let b = b"\x82\xa1a\x01\xa1b\x02";
+        assert_eq!(try_from_slice::<Lenient>(b).map(|_| ()), Err(bail()));
+        let v: Lenient = from_slice(b).unwrap();
+        assert_eq!((v.a, v.b), (Some(1), Some(2)));
+        // And a give-up swallowed in one decode does not spill into the next.
+        let p: Pair = try_from_slice(b"\x82\xa1a\x01\xa1b\x02").unwrap();
+        assert_eq!((p.a, p.b), (1.0, 2.0));
     }
 
     #[test]
@@ -804,7 +856,7 @@ mod tests {
         let b: &[u8] = try_from_slice(b"\xc4\x02\x01\x02").unwrap();
         assert_eq!(b, [1, 2]);
         // Ext types are rmp-serde's, and still decode through `from_slice`.
-        assert_eq!(try_from_slice::<rmpv::Value>(b"\xd4\x01\x09"), Err(Bail));
+        assert_eq!(try_from_slice::<rmpv::Value>(b"\xd4\x01\x09"), Err(bail()));
         let ext: rmpv::Value = from_slice(b"\xd4\x01\x09").unwrap();
         assert_eq!(ext, rmpv::Value::Ext(1, vec![9]));
         // Nesting beyond the fast pass's limit goes to rmp-serde, which refuses 1,024 levels.
@@ -816,7 +868,7 @@ mod tests {
                 assert!(try_from_slice::<serde::de::IgnoredAny>(&deep(MAX_DEPTH as usize)).is_ok());
                 assert_eq!(
                     try_from_slice::<serde::de::IgnoredAny>(&deep(MAX_DEPTH as usize + 1)),
-                    Err(Bail)
+                    Err(bail())
                 );
                 assert!(from_slice::<serde::de::IgnoredAny>(&deep(1000)).is_ok());
                 assert!(from_slice::<serde::de::IgnoredAny>(&deep(1024)).is_err());
