@@ -5,10 +5,10 @@
 
 mod common;
 
+use std::future::Future;
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::future::Future;
 use std::task::Poll;
 use std::time::Duration;
 
