@@ -130,10 +130,12 @@ test('the raw fastCall and fastReply entry points refuse anything but an engine 
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const native = require('../native.js') as {
     fastCall: (...args: unknown[]) => number
+    fastCallNamed: (...args: unknown[]) => number
     fastReply: (...args: unknown[]) => void
   }
   for (const bogus of [{}, null, 42, Buffer.alloc(8), client]) {
     t.throws(() => native.fastCall(bogus, 'add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
+    t.throws(() => native.fastCallNamed(bogus, 0, Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
     t.throws(() => native.fastReply(bogus, 0, Buffer.from([0xc0]), 0, 1), { instanceOf: TypeError })
   }
 })
@@ -154,6 +156,24 @@ test('the raw fastReply entry point refuses a bad range or a token that is not p
   // No call of the peer is pending on this client: the token is unknown.
   t.throws(() => native.fastReply(handle, 12345, result, 0, result.length), { message: /unknown call token/ })
   t.is(await client.call('add', { a: 1, b: 2 }), 3)
+})
+
+test('the raw fastCallNamed entry point refuses a name id its engine did not give', async (t) => {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const native = require('../native.js') as { fastCallNamed: (...args: unknown[]) => number }
+  const other = await RpcClient.connect(worker.socket)
+  t.teardown(() => other.close())
+  const handle = (other as unknown as { _handle: unknown })._handle
+  // Another client's engine gave id 0 (its first call), not this one.
+  t.is(await client.call('add', { a: 1, b: 2 }), 3)
+  for (const id of [0, 1, 4096, 2 ** 32 - 1]) {
+    t.throws(() => native.fastCallNamed(handle, id, Buffer.from([0xc0]), 0, 1, 0), { message: /unknown nameId/ }, `${id}`)
+  }
+  t.throws(() => native.fastCallNamed(handle, 'add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
+  t.is(other.pendingCalls, 0)
+  // The engine still works, and gives its first name id 0.
+  t.is(await other.call('add', { a: 2, b: 2 }), 4)
+  t.is(native.fastCallNamed(handle, 0, pack({ a: 3, b: 3 }), 0, pack({ a: 3, b: 3 }).length, 0) > 0, true)
 })
 
 test('the raw fastCall entry point refuses a byte range outside its buffer', async (t) => {

@@ -83,6 +83,25 @@ test('NotFound, InvalidParams, HandlerError', async (t) => {
   t.regex(e.message, /always fails/)
 })
 
+test('calls by more names than a client keeps by id each reach the peer under their own name', async (t) => {
+  const c = await RpcClient.connect(worker.socket)
+  t.teardown(() => c.close())
+  t.is(await c.call('add', { a: 1, b: 2 }), 3)
+  // 1,100 names: the first ones kept by id (up to the client's limit), the rest sent as strings.
+  const names = Array.from({ length: 1100 }, (_, i) => `nope_${i}_${'é'.repeat(i % 3)}`)
+  const errors = await Promise.all(names.map((n) => c.call(n, {}).then(() => null, (e: RpcError) => e)))
+  errors.forEach((e, i) => {
+    t.is(e?.code, 'ERR_FERRY_NOT_FOUND', names[i])
+    t.true(e?.message.includes(`\`${names[i]}\``), `${names[i]}: ${e?.message}`)
+  })
+  // A name kept by id before the limit, and one first called after it, both still work.
+  t.is(await c.call('add', { a: 2, b: 3 }), 5)
+  t.is(await c.call('sleep', { ms: 1 }), 1)
+  for (const n of names.slice(0, 3).concat(names.slice(-3))) {
+    await rejects(t, c.call(n, {}), 'ERR_FERRY_NOT_FOUND', 'NotFound')
+  }
+})
+
 test('a panicking function is Internal and the worker keeps serving', async (t) => {
   const e = await rejects(t, client.call('panic', {}), 'ERR_FERRY_INTERNAL', 'Internal')
   t.regex(e.message, /panic/)

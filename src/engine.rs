@@ -94,6 +94,8 @@ pub struct NativeEngine {
     /// The earliest deadline when the wrapper last armed its timer (`nextDeadlineMs`): a call
     /// with an earlier deadline, or any deadline when there was none, needs it armed again.
     armed: Option<Instant>,
+    /// Function names kept by `intern_name`, by id.
+    names: Vec<String>,
     /// When frames go out before the end of the loop turn (see `flush_early`).
     early: EarlyWrites,
     /// The error of an early flush, left for the next regular flush to report (an early flush
@@ -155,6 +157,7 @@ impl NativeEngine {
             busy_poll: Duration::ZERO,
             read_since_poll: false,
             armed: None,
+            names: Vec::new(),
             early: EarlyWrites::new(),
             write_failed: None,
         })
@@ -276,6 +279,48 @@ impl NativeEngine {
         }
         let deadline = Self::deadline(timeout_ms);
         let r = self.engine.call_with_id(name, params, deadline);
+        self.call_queued(r, deadline)
+    }
+
+    /// Keeps `name` for calls that name it by the returned id (the raw `fastCallNamed`), so
+    /// that a call need not copy its function name out of a JS string. Ids are small integers
+    /// from 0, one per name asked for; the wrapper asks once per name, for a bounded number of
+    /// names (`MAX_INTERNED_NAMES` in index.js), and calls other names by string.
+    #[napi]
+    pub fn intern_name(&mut self, name: String) -> u32 {
+        self.names.push(name);
+        (self.names.len() - 1) as u32
+    }
+
+    /// `call_raw` with a name `intern_name` kept; `None` for an id it did not give.
+    pub(crate) fn call_interned(
+        &mut self,
+        name_id: u32,
+        params: &mut [u8],
+        timeout_ms: f64,
+    ) -> Option<f64> {
+        let name_id = name_id as usize;
+        if name_id >= self.names.len() {
+            return None;
+        }
+        if let Err(e) = normalize_whole_floats(params) {
+            return Some(self.queued(Err((
+                CoreError::Encode(format!("not one MessagePack value: {e}")),
+                0,
+            ))));
+        }
+        let deadline = Self::deadline(timeout_ms);
+        let r = self
+            .engine
+            .call_with_id(&self.names[name_id], params, deadline);
+        Some(self.call_queued(r, deadline))
+    }
+
+    fn call_queued(
+        &mut self,
+        r: std::result::Result<u64, (CoreError, u64)>,
+        deadline: Option<Deadline>,
+    ) -> f64 {
         let id = self.queued_at(r, deadline);
         self.flush_early();
         self.touched();

@@ -211,6 +211,41 @@ unsafe extern "C" fn fast_call(
     out
 }
 
+/// `fastCallNamed(handle, nameId, buffer, start, end, timeoutMs)`: `fastCall` with the function
+/// name given by the id `NativeEngine#internName` returned for it, which saves copying the name
+/// out of its JS string on every call. Throws for an id that engine did not give.
+unsafe extern "C" fn fast_call_named(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+) -> sys::napi_value {
+    let Some(argv) = args::<6>(
+        env,
+        info,
+        "fastCallNamed(handle, nameId, buffer, start, end, timeoutMs)",
+    ) else {
+        return ptr::null_mut();
+    };
+    let Some(engine) = engine_of(env, argv[0], "fastCallNamed") else {
+        return ptr::null_mut();
+    };
+    let mut name_id = 0u32;
+    if sys::napi_get_value_uint32(env, argv[1], &mut name_id) != sys::Status::napi_ok {
+        return throw(env, "fastCallNamed: nameId must be a number");
+    }
+    let Some(params) = byte_range(env, &argv, 2, "fastCallNamed") else {
+        return ptr::null_mut();
+    };
+    let mut timeout_ms = 0f64;
+    sys::napi_get_value_double(env, argv[5], &mut timeout_ms);
+
+    let Some(id) = engine.call_interned(name_id, params, timeout_ms) else {
+        return throw(env, "fastCallNamed: unknown nameId");
+    };
+    let mut out = ptr::null_mut();
+    sys::napi_create_double(env, id, &mut out);
+    out
+}
+
 /// Makes the type-tagged external handle of `engine` that `fastCall` takes.
 pub(crate) fn make_handle(
     env: sys::napi_env,
@@ -231,7 +266,11 @@ pub(crate) fn make_handle(
 #[napi(module_exports)]
 pub fn init(mut exports: Object, env: Env) -> Result<()> {
     type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
-    let entries: [(&str, Callback); 2] = [("fastCall", fast_call), ("fastReply", fast_reply)];
+    let entries: [(&str, Callback); 3] = [
+        ("fastCall", fast_call),
+        ("fastCallNamed", fast_call_named),
+        ("fastReply", fast_reply),
+    ];
     for (name, callback) in entries {
         let mut f = ptr::null_mut();
         crate::raw::check(
