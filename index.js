@@ -10,7 +10,7 @@ const net = require('node:net')
 const path = require('node:path')
 const util = require('node:util')
 const { Packr, REUSE_BUFFER_MODE, RESET_BUFFER_MODE } = require('msgpackr')
-const { NativeEngine, fastCall, fastCallNamed, fastReply } = require('./native.js')
+const { NativeEngine } = require('./native.js')
 
 const packr = new Packr({
   useRecords: false, // plain MessagePack maps, readable by any peer
@@ -180,8 +180,11 @@ class RpcConnection {
       }
       this._native.setBusyPoll(options.busyPollMicros)
     }
-    // The per-call entry point, without napi-rs's method overhead (see src/fast.rs).
-    this._handle = this._native.fastHandle()
+    // The per-call entry points, without napi-rs's method overhead (see src/fast.rs).
+    const [fastCall, fastCallNamed, fastReply] = this._native.fastFunctions()
+    this._fastCall = fastCall
+    this._fastCallNamed = fastCallNamed
+    this._fastReply = fastReply
     // Function names the engine keeps, by the id it gave each: a call by id does not copy its
     // name out of the string (about 5% of calls/s with many small calls in flight).
     this._names = new Map()
@@ -287,8 +290,8 @@ class RpcConnection {
         this._names.set(name, nameId)
       }
       id = nameId === undefined
-        ? fastCall(this._handle, name, packed, packed.start, packed.end, timeoutMs)
-        : fastCallNamed(this._handle, nameId, packed, packed.start, packed.end, timeoutMs)
+        ? this._fastCall(name, packed, packed.start, packed.end, timeoutMs)
+        : this._fastCallNamed(nameId, packed, packed.start, packed.end, timeoutMs)
     } else {
       id = this._native.invoke(name, packed.subarray(packed.start, packed.end), timeoutMs)
     }
@@ -462,7 +465,7 @@ class RpcConnection {
       return
     }
     // The raw twin of `reply` (see src/fast.rs), on the bytes msgpackr just wrote.
-    fastReply(this._handle, token, packed, packed.start, packed.end)
+    this._fastReply(token, packed, packed.start, packed.end)
     this._afterSettle()
   }
 

@@ -126,60 +126,107 @@ test('RpcServer.listen works near the socket path limit and refuses paths beyond
   t.is((e as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_VALUE')
 })
 
-test('the raw fastCall and fastReply entry points refuse anything but an engine handle', (t) => {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const native = require('../native.js') as {
-    fastCall: (...args: unknown[]) => number
-    fastCallNamed: (...args: unknown[]) => number
-    fastReply: (...args: unknown[]) => void
+type Fast = {
+  call: (...args: unknown[]) => number
+  callNamed: (...args: unknown[]) => number
+  reply: (...args: unknown[]) => void
+}
+
+/** The raw entry points of `c`'s engine (see src/fast.rs). */
+function fastOf(c: RpcClient): Fast {
+  const r = c as unknown as { _fastCall: Fast['call']; _fastCallNamed: Fast['callNamed']; _fastReply: Fast['reply'] }
+  return { call: r._fastCall, callNamed: r._fastCallNamed, reply: r._fastReply }
+}
+
+test('the raw entry points refuse too few arguments and arguments of the wrong type', async (t) => {
+  const fast = fastOf(client)
+  const params = pack({ a: 1, b: 2 })
+  const before = client.pendingCalls
+  t.throws(() => fast.call('add', params, 0, params.length), { instanceOf: TypeError, message: /call\(name/ })
+  t.throws(() => fast.callNamed(0, params), { instanceOf: TypeError, message: /callNamed\(nameId/ })
+  t.throws(() => fast.reply(), { instanceOf: TypeError, message: /reply\(token/ })
+  for (const name of [42, null, {}, Symbol('add')]) {
+    t.throws(() => fast.call(name, params, 0, params.length, 0), { instanceOf: TypeError, message: /name must be a string/ })
   }
-  for (const bogus of [{}, null, 42, Buffer.alloc(8), client]) {
-    t.throws(() => native.fastCall(bogus, 'add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
-    t.throws(() => native.fastCallNamed(bogus, 0, Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
-    t.throws(() => native.fastReply(bogus, 0, Buffer.from([0xc0]), 0, 1), { instanceOf: TypeError })
+  for (const buffer of ['abc', null, {}, [1, 2]]) {
+    t.throws(() => fast.call('add', buffer, 0, 1, 0), { instanceOf: TypeError, message: /must be a Buffer/ })
   }
+  t.is(client.pendingCalls, before)
+  t.is(await client.call('add', { a: 1, b: 2 }), 3)
 })
 
-test('the raw fastReply entry point refuses a bad range or a token that is not pending', async (t) => {
+test('a raw entry point keeps its engine alive, and lets it go with itself', async (t) => {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const native = require('../native.js') as { fastReply: (...args: unknown[]) => void }
-  const handle = (client as unknown as { _handle: unknown })._handle
+  const { setFlagsFromString } = require('node:v8') as typeof import('node:v8')
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { runInNewContext } = require('node:vm') as typeof import('node:vm')
+  setFlagsFromString('--expose-gc')
+  const gc = runInNewContext('gc') as () => void
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { NativeEngine } = require('../native.js') as {
+    NativeEngine: new (...args: unknown[]) => { fastFunctions(): Fast[keyof Fast][]; internName(name: string): number }
+  }
+  let collected = false
+  const registry = new FinalizationRegistry(() => {
+    collected = true
+  })
+  const settle = async () => {
+    for (let i = 0; i < 20 && !collected; i++) {
+      gc()
+      await new Promise((resolve) => setImmediate(resolve))
+    }
+  }
+  let fns: Fast[keyof Fast][] | undefined = (() => {
+    const noop = () => undefined
+    const engine = new NativeEngine(0, true, noop, noop, noop, Buffer.alloc(64))
+    registry.register(engine, 'engine')
+    engine.internName('add')
+    return engine.fastFunctions()
+  })()
+  await settle()
+  t.false(collected, 'the engine was collected while its functions were alive')
+  // The engine still answers through them: the name it kept is known, others are not.
+  t.throws(() => fns![1](1, Buffer.from([0xc0]), 0, 1, 0), { message: /unknown nameId/ })
+  t.throws(() => fns![2](7, Buffer.from([0xc0]), 0, 1), { message: /unknown call token/ })
+  fns = undefined
+  await settle()
+  t.true(collected, 'the engine outlived its functions')
+})
+
+test('the raw reply refuses a bad range or a token that is not pending', async (t) => {
+  const { reply } = fastOf(client)
   const result = pack(3)
   for (const [start, end] of [
     [1, 0],
     [0, result.length + 1],
     ['0', 1],
   ]) {
-    t.throws(() => native.fastReply(handle, 0, result, start, end), { instanceOf: TypeError }, `${start}..${end}`)
+    t.throws(() => reply(0, result, start, end), { instanceOf: TypeError }, `${start}..${end}`)
   }
-  t.throws(() => native.fastReply(handle, 'x', result, 0, result.length), { instanceOf: TypeError })
+  t.throws(() => reply('x', result, 0, result.length), { instanceOf: TypeError })
   // No call of the peer is pending on this client: the token is unknown.
-  t.throws(() => native.fastReply(handle, 12345, result, 0, result.length), { message: /unknown call token/ })
+  t.throws(() => reply(12345, result, 0, result.length), { message: /unknown call token/ })
   t.is(await client.call('add', { a: 1, b: 2 }), 3)
 })
 
-test('the raw fastCallNamed entry point refuses a name id its engine did not give', async (t) => {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const native = require('../native.js') as { fastCallNamed: (...args: unknown[]) => number }
+test('the raw callNamed refuses a name id its engine did not give', async (t) => {
   const other = await RpcClient.connect(worker.socket)
   t.teardown(() => other.close())
-  const handle = (other as unknown as { _handle: unknown })._handle
+  const { callNamed } = fastOf(other)
   // Another client's engine gave id 0 (its first call), not this one.
   t.is(await client.call('add', { a: 1, b: 2 }), 3)
   for (const id of [0, 1, 4096, 2 ** 32 - 1]) {
-    t.throws(() => native.fastCallNamed(handle, id, Buffer.from([0xc0]), 0, 1, 0), { message: /unknown nameId/ }, `${id}`)
+    t.throws(() => callNamed(id, Buffer.from([0xc0]), 0, 1, 0), { message: /unknown nameId/ }, `${id}`)
   }
-  t.throws(() => native.fastCallNamed(handle, 'add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
+  t.throws(() => callNamed('add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
   t.is(other.pendingCalls, 0)
   // The engine still works, and gives its first name id 0.
   t.is(await other.call('add', { a: 2, b: 2 }), 4)
-  t.is(native.fastCallNamed(handle, 0, pack({ a: 3, b: 3 }), 0, pack({ a: 3, b: 3 }).length, 0) > 0, true)
+  t.is(callNamed(0, pack({ a: 3, b: 3 }), 0, pack({ a: 3, b: 3 }).length, 0) > 0, true)
 })
 
-test('the raw fastCall entry point refuses a byte range outside its buffer', async (t) => {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const native = require('../native.js') as { fastCall: (...args: unknown[]) => number }
-  const handle = (client as unknown as { _handle: unknown })._handle
+test('the raw call refuses a byte range outside its buffer', async (t) => {
+  const { call } = fastOf(client)
   const params = pack({ a: 1, b: 2 })
   const before = client.pendingCalls
   for (const [start, end] of [
@@ -189,7 +236,7 @@ test('the raw fastCall entry point refuses a byte range outside its buffer', asy
     ['0', 2],
     [0, undefined],
   ]) {
-    t.throws(() => native.fastCall(handle, 'add', params, start, end, 0), { instanceOf: TypeError }, `${start}..${end}`)
+    t.throws(() => call('add', params, start, end, 0), { instanceOf: TypeError }, `${start}..${end}`)
   }
   // Nothing was queued, and the connection goes on.
   t.is(client.pendingCalls, before)

@@ -282,10 +282,11 @@ impl NativeEngine {
         self.call_queued(r, deadline)
     }
 
-    /// Keeps `name` for calls that name it by the returned id (the raw `fastCallNamed`), so
-    /// that a call need not copy its function name out of a JS string. Ids are small integers
-    /// from 0, one per name asked for; the wrapper asks once per name, for a bounded number of
-    /// names (`MAX_INTERNED_NAMES` in index.js), and calls other names by string.
+    /// Keeps `name` for calls that name it by the returned id (`callNamed` of
+    /// `fastFunctions`), so that a call need not copy its function name out of a JS string.
+    /// Ids are small integers from 0, one per name asked for; the wrapper asks once per name,
+    /// for a bounded number of names (`MAX_INTERNED_NAMES` in index.js), and calls other names
+    /// by string.
     #[napi]
     pub fn intern_name(&mut self, name: String) -> u32 {
         self.names.push(name);
@@ -327,12 +328,20 @@ impl NativeEngine {
         id
     }
 
-    /// A type-tagged handle of this engine for the raw `fastCall(handle, name, params,
-    /// timeoutMs)`, which is `call` without napi-rs's per-call overhead. Valid while this
-    /// object is alive: keep both together.
-    #[napi(ts_return_type = "object")]
-    pub fn fast_handle(&mut self, env: Env) -> Result<RawValue> {
-        crate::fast::make_handle(env.raw(), self as *mut NativeEngine).map(RawValue)
+    /// This engine's raw entry points, `[call, callNamed, reply]`: `call(name, buffer, start,
+    /// end, timeoutMs)` is `call` with the params `buffer[start..end]` and without napi-rs's
+    /// per-call overhead, `callNamed(nameId, ...)` the same with a name `internName` kept, and
+    /// `reply(token, buffer, start, end)` is `reply` likewise (see src/fast.rs). Each function
+    /// keeps this engine alive.
+    #[napi(
+        ts_return_type = "[(name: string, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number, (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number, (token: number, buffer: Uint8Array, start: number, end: number) => void]"
+    )]
+    pub fn fast_functions(&mut self, env: Env, this: This) -> Result<RawValue> {
+        // SAFETY: `this` wraps `self`, on the JS thread.
+        unsafe {
+            crate::fast::fast_functions(env.raw(), this.object.raw(), self as *mut NativeEngine)
+        }
+        .map(RawValue)
     }
 
     /// Queues an `invoke_handler` of `handlerId` with a MessagePack-encoded request; like

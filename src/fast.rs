@@ -3,28 +3,22 @@
 //! A napi-rs class method costs 350-420 ns per call from JS on these machines (receiver
 //! unwrap with class-identity checks, argument conversion with a heap `String`); a raw
 //! callback doing the same work costs about 100 ns. `call` is the one crossing every RPC
-//! makes, so it gets a raw twin: `fastCall(handle, name, buffer, start, end, timeoutMs)`,
-//! where `handle` is an external made by `NativeEngine#fastHandle()` and type-tagged, so a
-//! foreign object can never be taken for an engine, and the params are `buffer[start..end]`:
-//! msgpackr packs them into its own reused buffer, so no Buffer object is made per call.
-
-// napi-rs registers module exports only outside `cfg(test)`.
-#![cfg_attr(test, allow(dead_code))]
+//! makes, so it gets raw twins, made per engine by `NativeEngine#fastFunctions()`:
+//! `call(name, buffer, start, end, timeoutMs)`, `callNamed(nameId, buffer, start, end,
+//! timeoutMs)` and `reply(token, buffer, start, end)`. Each is created with its engine's
+//! pointer as the callback data, so a call finds its engine without any lookup or check
+//! (checking a type-tagged handle cost about 6% of calls/s), and each holds its engine's JS
+//! object in a read-only, non-configurable property, so the engine lives as long as any of its
+//! functions does. The params are `buffer[start..end]`: msgpackr packs them into its own
+//! reused buffer, so no Buffer object is made per call.
 
 use std::ffi::c_void;
 use std::ptr;
 
 use napi::bindgen_prelude::*;
 use napi::sys;
-use napi_derive::napi;
 
 use crate::engine::NativeEngine;
-
-/// Marks externals that point at a live `NativeEngine`.
-pub(crate) const ENGINE_TAG: sys::napi_type_tag = sys::napi_type_tag {
-    lower: 0x6665_7272_7969_7063,
-    upper: 0x656e_6769_6e65_0001,
-};
 
 unsafe fn throw(env: sys::napi_env, msg: &str) -> sys::napi_value {
     let mut m = Vec::with_capacity(msg.len() + 1);
@@ -34,52 +28,34 @@ unsafe fn throw(env: sys::napi_env, msg: &str) -> sys::napi_value {
     ptr::null_mut()
 }
 
-/// The first `N` arguments of a call, or `None` (with a TypeError naming `usage` thrown) when
-/// fewer were passed.
-unsafe fn args<const N: usize>(
+/// The engine a function made by `fast_functions` belongs to, and the first `N` arguments of
+/// the call, or `None` (with a TypeError naming `usage` thrown) when fewer were passed.
+unsafe fn args<'a, const N: usize>(
     env: sys::napi_env,
     info: sys::napi_callback_info,
     usage: &str,
-) -> Option<[sys::napi_value; N]> {
+) -> Option<(&'a mut NativeEngine, [sys::napi_value; N])> {
     let mut argc = N;
     let mut argv = [ptr::null_mut(); N];
+    let mut data: *mut c_void = ptr::null_mut();
     sys::napi_get_cb_info(
         env,
         info,
         &mut argc,
         argv.as_mut_ptr(),
         ptr::null_mut(),
-        ptr::null_mut(),
+        &mut data,
     );
     if argc < N {
         throw(env, usage);
         return None;
     }
-    Some(argv)
-}
-
-/// The engine behind a type-tagged handle, or `None` (with a TypeError thrown) for anything
-/// else.
-unsafe fn engine_of<'a>(
-    env: sys::napi_env,
-    handle: sys::napi_value,
-    what: &str,
-) -> Option<&'a mut NativeEngine> {
-    let mut tagged = false;
-    if sys::napi_check_object_type_tag(env, handle, &ENGINE_TAG, &mut tagged)
-        != sys::Status::napi_ok
-        || !tagged
-    {
-        throw(env, &format!("{what}: not an engine handle"));
-        return None;
-    }
-    let mut data: *mut c_void = ptr::null_mut();
-    sys::napi_get_value_external(env, handle, &mut data);
-    // SAFETY: only `make_handle` tags externals with ENGINE_TAG, over a live engine. The
-    // wrapper keeps the NativeEngine object alive as long as it uses the handle, and no borrow
-    // of the engine is live when JS runs (see the note on `impl Driver` in engine.rs):
-    // handlers run from `onSocket` may call in at once.
-    Some(&mut *(data as *mut NativeEngine))
+    // SAFETY: only `fast_functions` makes functions with these callbacks, each with the
+    // pointer of a live engine as its data and that engine's JS object in a non-configurable
+    // property, so the engine outlives the function. No borrow of the engine is live when JS
+    // runs (see the note on `impl Driver` in engine.rs): handlers run from `onSocket` may call
+    // in at once.
+    Some((&mut *(data as *mut NativeEngine), argv))
 }
 
 /// The bytes `buffer[start..end]` of the arguments at `at`, `at + 1`, `at + 2`, or `None`
@@ -119,24 +95,21 @@ unsafe fn byte_range<'a>(
     ))
 }
 
-/// `fastReply(handle, token, buffer, start, end)`: `NativeEngine#reply` with the result
+/// `reply(token, buffer, start, end)`: `NativeEngine#reply` with the result
 /// `buffer[start..end]`, without napi-rs's per-call overhead (the answer to every call the
 /// peer makes crosses here). Throws like `reply` for a token that is not pending.
 unsafe extern "C" fn fast_reply(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let Some(argv) = args::<5>(env, info, "fastReply(handle, token, buffer, start, end)") else {
-        return ptr::null_mut();
-    };
-    let Some(engine) = engine_of(env, argv[0], "fastReply") else {
+    let Some((engine, argv)) = args::<4>(env, info, "reply(token, buffer, start, end)") else {
         return ptr::null_mut();
     };
     let mut token = 0u32;
-    if sys::napi_get_value_uint32(env, argv[1], &mut token) != sys::Status::napi_ok {
-        return throw(env, "fastReply: token must be a number");
+    if sys::napi_get_value_uint32(env, argv[0], &mut token) != sys::Status::napi_ok {
+        return throw(env, "reply: token must be a number");
     }
-    let Some(result) = byte_range(env, &argv, 2, "fastReply") else {
+    let Some(result) = byte_range(env, &argv, 1, "reply") else {
         return ptr::null_mut();
     };
     if let Err(e) = engine.reply_raw(token, result) {
@@ -148,21 +121,15 @@ unsafe extern "C" fn fast_reply(
     ptr::null_mut()
 }
 
-/// `fastCall(handle, name, buffer, start, end, timeoutMs)`: `NativeEngine#call` with the
-/// params `buffer[start..end]`, without napi-rs's per-call overhead. Returns the call id, or 0
-/// when the call failed at once.
+/// `call(name, buffer, start, end, timeoutMs)`: `NativeEngine#call` with the params
+/// `buffer[start..end]`, without napi-rs's per-call overhead. Returns the call id, or 0 when
+/// the call failed at once.
 unsafe extern "C" fn fast_call(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let Some(argv) = args::<6>(
-        env,
-        info,
-        "fastCall(handle, name, buffer, start, end, timeoutMs)",
-    ) else {
-        return ptr::null_mut();
-    };
-    let Some(engine) = engine_of(env, argv[0], "fastCall") else {
+    let Some((engine, argv)) = args::<5>(env, info, "call(name, buffer, start, end, timeoutMs)")
+    else {
         return ptr::null_mut();
     };
 
@@ -173,24 +140,24 @@ unsafe extern "C" fn fast_call(
     let mut copied = 0usize;
     if sys::napi_get_value_string_utf8(
         env,
-        argv[1],
+        argv[0],
         stack.as_mut_ptr().cast(),
         stack.len(),
         &mut copied,
     ) != sys::Status::napi_ok
     {
-        return throw(env, "fastCall: name must be a string");
+        return throw(env, "call: name must be a string");
     }
     let mut heap = Vec::new();
     let buf: &[u8] = if copied + 4 < stack.len() {
         &stack[..]
     } else {
         let mut len = 0usize;
-        sys::napi_get_value_string_utf8(env, argv[1], ptr::null_mut(), 0, &mut len);
+        sys::napi_get_value_string_utf8(env, argv[0], ptr::null_mut(), 0, &mut len);
         heap.resize(len + 1, 0);
         sys::napi_get_value_string_utf8(
             env,
-            argv[1],
+            argv[0],
             heap.as_mut_ptr().cast(),
             heap.len(),
             &mut copied,
@@ -199,11 +166,11 @@ unsafe extern "C" fn fast_call(
     };
     let name = std::str::from_utf8_unchecked(&buf[..copied]);
 
-    let Some(params) = byte_range(env, &argv, 2, "fastCall") else {
+    let Some(params) = byte_range(env, &argv, 1, "call") else {
         return ptr::null_mut();
     };
     let mut timeout_ms = 0f64;
-    sys::napi_get_value_double(env, argv[5], &mut timeout_ms);
+    sys::napi_get_value_double(env, argv[4], &mut timeout_ms);
 
     let id = engine.call_raw(name, params, timeout_ms);
     let mut out = ptr::null_mut();
@@ -211,82 +178,93 @@ unsafe extern "C" fn fast_call(
     out
 }
 
-/// `fastCallNamed(handle, nameId, buffer, start, end, timeoutMs)`: `fastCall` with the function
-/// name given by the id `NativeEngine#internName` returned for it, which saves copying the name
-/// out of its JS string on every call. Throws for an id that engine did not give.
+/// `callNamed(nameId, buffer, start, end, timeoutMs)`: `call` with the function name given by
+/// the id `NativeEngine#internName` returned for it, which saves copying the name out of its
+/// JS string on every call. Throws for an id the engine did not give.
 unsafe extern "C" fn fast_call_named(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let Some(argv) = args::<6>(
+    let Some((engine, argv)) = args::<5>(
         env,
         info,
-        "fastCallNamed(handle, nameId, buffer, start, end, timeoutMs)",
+        "callNamed(nameId, buffer, start, end, timeoutMs)",
     ) else {
         return ptr::null_mut();
     };
-    let Some(engine) = engine_of(env, argv[0], "fastCallNamed") else {
-        return ptr::null_mut();
-    };
     let mut name_id = 0u32;
-    if sys::napi_get_value_uint32(env, argv[1], &mut name_id) != sys::Status::napi_ok {
-        return throw(env, "fastCallNamed: nameId must be a number");
+    if sys::napi_get_value_uint32(env, argv[0], &mut name_id) != sys::Status::napi_ok {
+        return throw(env, "callNamed: nameId must be a number");
     }
-    let Some(params) = byte_range(env, &argv, 2, "fastCallNamed") else {
+    let Some(params) = byte_range(env, &argv, 1, "callNamed") else {
         return ptr::null_mut();
     };
     let mut timeout_ms = 0f64;
-    sys::napi_get_value_double(env, argv[5], &mut timeout_ms);
+    sys::napi_get_value_double(env, argv[4], &mut timeout_ms);
 
     let Some(id) = engine.call_interned(name_id, params, timeout_ms) else {
-        return throw(env, "fastCallNamed: unknown nameId");
+        return throw(env, "callNamed: unknown nameId");
     };
     let mut out = ptr::null_mut();
     sys::napi_create_double(env, id, &mut out);
     out
 }
 
-/// Makes the type-tagged external handle of `engine` that `fastCall` takes.
-pub(crate) fn make_handle(
+/// The raw entry points of `engine`, whose JS object is `this`: an array of the functions
+/// `call`, `callNamed` and `reply` described above, each holding `this` in its read-only,
+/// non-configurable `engine` property.
+///
+/// # Safety
+/// `engine` must be the engine `this` wraps, and `env` the current environment.
+pub(crate) unsafe fn fast_functions(
     env: sys::napi_env,
+    this: sys::napi_value,
     engine: *mut NativeEngine,
 ) -> Result<sys::napi_value> {
-    let mut ext = ptr::null_mut();
-    crate::raw::check(
-        unsafe { sys::napi_create_external(env, engine.cast(), None, ptr::null_mut(), &mut ext) },
-        "napi_create_external",
-    )?;
-    crate::raw::check(
-        unsafe { sys::napi_type_tag_object(env, ext, &ENGINE_TAG) },
-        "napi_type_tag_object",
-    )?;
-    Ok(ext)
-}
-
-#[napi(module_exports)]
-pub fn init(mut exports: Object, env: Env) -> Result<()> {
     type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
     let entries: [(&str, Callback); 3] = [
-        ("fastCall", fast_call),
-        ("fastCallNamed", fast_call_named),
-        ("fastReply", fast_reply),
+        ("call", fast_call),
+        ("callNamed", fast_call_named),
+        ("reply", fast_reply),
     ];
-    for (name, callback) in entries {
+    let mut out = ptr::null_mut();
+    crate::raw::check(
+        sys::napi_create_array_with_length(env, entries.len(), &mut out),
+        "napi_create_array_with_length",
+    )?;
+    for (i, (name, callback)) in entries.into_iter().enumerate() {
         let mut f = ptr::null_mut();
         crate::raw::check(
-            unsafe {
-                sys::napi_create_function(
-                    env.raw(),
-                    name.as_ptr().cast(),
-                    name.len() as isize,
-                    Some(callback),
-                    ptr::null_mut(),
-                    &mut f,
-                )
-            },
+            sys::napi_create_function(
+                env,
+                name.as_ptr().cast(),
+                name.len() as isize,
+                Some(callback),
+                engine.cast(),
+                &mut f,
+            ),
             "napi_create_function",
         )?;
-        exports.set_named_property(name, unsafe { Unknown::from_raw_unchecked(env.raw(), f) })?;
+        // The function keeps its engine alive: a property of the default attributes can be
+        // neither changed nor deleted.
+        let keep = sys::napi_property_descriptor {
+            utf8name: c"engine".as_ptr(),
+            name: ptr::null_mut(),
+            method: None,
+            getter: None,
+            setter: None,
+            value: this,
+            attributes: sys::PropertyAttributes::default,
+            data: ptr::null_mut(),
+        };
+        crate::raw::check(
+            sys::napi_define_properties(env, f, 1, &keep),
+            "napi_define_properties",
+        )?;
+        crate::raw::check(
+            sys::napi_set_element(env, out, i as u32, f),
+            "napi_set_element",
+        )?;
     }
-    Ok(())
+    Ok(out)
 }
