@@ -1,0 +1,247 @@
+//! A process that may run on one CPU only (as under `taskset -c 0`). A test binary of its own:
+//! its test pins its thread to one CPU before anything else runs, every thread started after
+//! inherits that, and `runs_on_many_cpus` is read once per process.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use common::{encode, frame, map, TestServer};
+use ferry_core::engine::runs_on_many_cpus;
+use ferry_core::router::Value;
+use ferry_core::{CallOptions, Connection, ConnectionConfig, IoMode, Router};
+
+/// Restricts the calling thread, and the threads it starts from now on, to one of its CPUs.
+fn pin_to_one_cpu() {
+    // SAFETY: zeroed cpu_set_t values are valid empty sets; the sizes given are their own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| libc::CPU_ISSET(c, &set))
+            .expect("a CPU to run on");
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(first, &mut one);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one),
+            0
+        );
+    }
+}
+
+/// The ids of this process's threads named `name`.
+fn threads_named(name: &str) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let tid = e.ok()?.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+            (comm.trim_end() == name).then_some(tid)
+        })
+        .collect()
+}
+
+/// The tests of this binary run one at a time: the first counts a thread's sleeps.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How many times thread `tid` gave up the CPU to wait.
+fn voluntary_switches(tid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("voluntary_ctxt_switches in status")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits, yielding this thread's CPU, until thread `tid` is asleep (state S).
+fn wait_asleep(tid: &str) {
+    let deadline = std::time::Instant::now() + common::TEST_LIMIT;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let state = stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap();
+        if state == 'S' {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "thread {tid} never slept"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Blocks until `sock` has something to read.
+fn wait_readable(sock: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, -1) }, 1);
+}
+
+fn call_inc(sock: &mut UnixStream, id: u64) {
+    let call = map(vec![
+        ("type", Value::from("rpc_call")),
+        ("function_name", Value::from("inc")),
+        ("params", Value::from(id)),
+        ("request_id", Value::from(id)),
+    ]);
+    sock.write_all(&frame(&encode(&call))).unwrap();
+}
+
+fn answer(sock: &mut UnixStream) -> Value {
+    let mut len = [0u8; 4];
+    sock.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    sock.read_exact(&mut body).unwrap();
+    rmpv::decode::read_value(&mut &body[..]).unwrap()
+}
+
+/// A reader thread blocked in `read` is woken each time the peer reads its answers, because
+/// that makes room to write: on one CPU, two context switches per round trip for nothing. On
+/// one CPU, the [`IoMode::Threads`] reader waits in `poll` for input only, so it wakes once per
+/// call. Each round trip here lets the reader fall asleep before its answer is read.
+#[test]
+fn on_one_cpu_a_threads_reader_sleeps_once_per_call() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pin_to_one_cpu();
+    assert!(!runs_on_many_cpus());
+
+    let (path_tx, path_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let config = ConnectionConfig {
+                io: IoMode::Threads,
+                ..ConnectionConfig::default()
+            };
+            let router = Router::new().sync_fn("inc", |n: u64| Ok::<_, String>(n + 1));
+            let server = TestServer::start_with(router, config, None).await;
+            path_tx.send(server.path.clone()).unwrap();
+            let _ = stop_rx.await;
+        });
+    });
+    let path = path_rx
+        .recv_timeout(common::TEST_LIMIT)
+        .expect("the server started");
+    let readers_before = threads_named("ferry-reader");
+    let mut sock = UnixStream::connect(path).unwrap();
+    sock.set_read_timeout(Some(common::TEST_LIMIT)).unwrap();
+
+    // The first call starts the connection's threads.
+    call_inc(&mut sock, 0);
+    assert_eq!(answer(&mut sock)["result"], Value::from(1));
+    let mut new: Vec<String> = threads_named("ferry-reader")
+        .into_iter()
+        .filter(|t| !readers_before.contains(t))
+        .collect();
+    assert_eq!(new.len(), 1, "new reader threads: {new:?}");
+    let reader = new.pop().unwrap();
+    wait_asleep(&reader);
+
+    const N: u64 = 200;
+    let before = voluntary_switches(&reader);
+    for id in 1..=N {
+        call_inc(&mut sock, id);
+        wait_readable(&sock);
+        // The answer is here; the reader has gone back to wait for more.
+        wait_asleep(&reader);
+        assert_eq!(answer(&mut sock)["result"], Value::from(id + 1));
+        // A reader woken by that read runs, finds nothing and sleeps again, which counts.
+        wait_asleep(&reader);
+    }
+    let switches = voluntary_switches(&reader) - before;
+    assert!(
+        switches <= N + N / 4,
+        "the reader slept {switches} times in {N} round trips"
+    );
+
+    drop(sock);
+    let _ = stop_tx.send(());
+    server.join().unwrap();
+}
+
+/// On one CPU, two [`IoMode::Threads`] connections (their readers waiting in `poll`) carry
+/// payloads larger than the socket and their read buffers, and many calls in flight, and each
+/// sees the other go away.
+#[test]
+fn on_one_cpu_threads_connections_carry_everything_and_see_hang_ups() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pin_to_one_cpu();
+    assert!(!runs_on_many_cpus());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    common::on_own_thread(runtime, "the one-CPU connections got stuck", async {
+        let config = ConnectionConfig {
+            io: IoMode::Threads,
+            ..ConnectionConfig::default()
+        };
+        let router = || {
+            Router::new()
+                .sync_fn("inc", |n: u64| Ok::<_, String>(n + 1))
+                .sync_fn("echo", |v: Value| Ok::<_, String>(v))
+        };
+        let pair = || {
+            let (a, b) = tokio::net::UnixStream::pair().unwrap();
+            (
+                Connection::from_stream(a, router(), config.clone()),
+                Connection::from_stream(b, router(), config.clone()),
+            )
+        };
+
+        let (server, client) = pair();
+        // Larger than the 64 KiB read buffer and than the socket: reads that fill the buffer,
+        // writers that wait for room.
+        let echoes = (0..3u64).map(|k| {
+            let client = &client;
+            async move {
+                let blob: Vec<u8> = (0..3 * 1024 * 1024 + k)
+                    .map(|i| (i * 31 + k) as u8)
+                    .collect();
+                let params = encode(&Value::Binary(blob));
+                let back = client
+                    .call_raw("echo", &params, CallOptions::default())
+                    .await
+                    .unwrap();
+                assert!(back.as_bytes() == &params[..], "echo {k} came back altered");
+            }
+        });
+        futures_util::future::join_all(echoes).await;
+
+        let incs = (0..500u64).map(|n| {
+            let client = &client;
+            async move { assert_eq!(client.call::<_, u64>("inc", &n).await.unwrap(), n + 1) }
+        });
+        futures_util::future::join_all(incs).await;
+        // Both ways on one connection.
+        assert_eq!(server.call::<_, u64>("inc", &41u64).await.unwrap(), 42);
+        // The client goes: the server's reader sees it.
+        client.close();
+        server.closed().await;
+
+        // The server goes while a call waits: the call ends, and the client's reader sees the
+        // hang-up.
+        let (server, client) = pair();
+        let (outcome, ()) = futures_util::join!(client.call::<_, u64>("inc", &1u64), async {
+            server.close()
+        });
+        assert!(matches!(outcome, Ok(2) | Err(_)), "{outcome:?}");
+        client.closed().await;
+    });
+}
