@@ -107,8 +107,9 @@ pub enum IoMode {
     /// sequential round trip takes about a quarter less time on a 2-core machine (see
     /// docs/benchmarks.md). In a process that may run on one CPU only
     /// ([`runs_on_many_cpus`](crate::engine::runs_on_many_cpus)), the reader waits in `poll`
-    /// before each `read` instead, which the peer's reading of our answers does not wake. Costs two OS threads per connection, so it suits servers with a
-    /// few peers, like a worker process serving its Node front. Async functions and route
+    /// before each `read` instead, which the peer's reading of our answers does not wake.
+    /// Costs two OS threads per connection, so it suits servers with a few peers, like a
+    /// worker process serving its Node front. Async functions and route
     /// handlers still run on the runtime that made the connection.
     Threads,
 }
