@@ -13,17 +13,94 @@
 
 use serde::de::{self, DeserializeSeed, Visitor};
 
-/// Arrays and maps nested deeper than this give up, and rmp-serde decides (it refuses 1,024
-/// levels).
+/// Arrays, maps and enum variants nested deeper than this give up, and the fallback decides.
 const MAX_DEPTH: u16 = 512;
 
-/// Decodes `bytes` into `T`, as `rmp_serde::from_slice` would.
+/// Values whose arrays and maps nest this deep are refused before rmp-serde sees them: it
+/// refuses arrays and maps nested this deep itself, but not enum variants, whose every level
+/// it decodes one recursion deeper, so a recursive enum type would let a small frame overflow
+/// the decoding thread's stack.
+const FALLBACK_MAX_DEPTH: usize = 1024;
+
+/// Decodes `bytes` into `T`, as `rmp_serde::from_slice` would, except that values nested
+/// [`FALLBACK_MAX_DEPTH`] deep or more fail with `DepthLimitExceeded` whatever `T` is.
 pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(
     bytes: &'de [u8],
 ) -> Result<T, rmp_serde::decode::Error> {
     match try_from_slice(bytes) {
         Ok(v) => Ok(v),
+        Err(Bail(())) if nests_as_deep_as(bytes, FALLBACK_MAX_DEPTH) => {
+            Err(rmp_serde::decode::Error::DepthLimitExceeded)
+        }
         Err(Bail(())) => rmp_serde::from_slice(bytes),
+    }
+}
+
+/// Whether the MessagePack value at the start of `bytes` has arrays or maps nested `limit`
+/// deep (a bare scalar is depth 0, `[[1]]` depth 2). Walks without recursion; stops at the
+/// first malformed or missing byte (rmp-serde then reports it).
+fn nests_as_deep_as(bytes: &[u8], limit: usize) -> bool {
+    // The values left to read in each open array or map, innermost last.
+    let mut open: Vec<u64> = Vec::new();
+    let mut pos = 0usize;
+    let be = |pos: &mut usize, n: usize| -> Option<u64> {
+        let b = bytes.get(*pos..pos.checked_add(n)?)?;
+        *pos += n;
+        Some(b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64))
+    };
+    loop {
+        // This value takes one place in its array or map.
+        if let Some(left) = open.last_mut() {
+            *left -= 1;
+        }
+        let Some(&m) = bytes.get(pos) else {
+            return false;
+        };
+        pos += 1;
+        let (skip, children) = match m {
+            0x80..=0x8f => (0, 2 * (m & 0x0f) as u64),
+            0x90..=0x9f => (0, (m & 0x0f) as u64),
+            0xa0..=0xbf => ((m & 0x1f) as u64, 0),
+            0xc4 | 0xd9 => (be(&mut pos, 1).unwrap_or(u64::MAX), 0),
+            0xc5 | 0xda => (be(&mut pos, 2).unwrap_or(u64::MAX), 0),
+            0xc6 | 0xdb => (be(&mut pos, 4).unwrap_or(u64::MAX), 0),
+            0xc7 => (be(&mut pos, 1).map_or(u64::MAX, |n| n + 1), 0),
+            0xc8 => (be(&mut pos, 2).map_or(u64::MAX, |n| n + 1), 0),
+            0xc9 => (be(&mut pos, 4).map_or(u64::MAX, |n| n + 1), 0),
+            0xca => (4, 0),
+            0xcb => (8, 0),
+            0xcc..=0xcf => (1 << (m - 0xcc), 0),
+            0xd0..=0xd3 => (1 << (m - 0xd0), 0),
+            0xd4..=0xd8 => (1 + (1 << (m - 0xd4)), 0),
+            0xdc => (0, be(&mut pos, 2).unwrap_or(u64::MAX)),
+            0xdd => (0, be(&mut pos, 4).unwrap_or(u64::MAX)),
+            0xde => (0, be(&mut pos, 2).map_or(u64::MAX, |n| 2 * n)),
+            0xdf => (0, be(&mut pos, 4).map_or(u64::MAX, |n| 2 * n)),
+            // Fixints, nil, booleans and the invalid 0xc1: nothing more to read.
+            _ => (0, 0),
+        };
+        // A length past the end: malformed, for rmp-serde to report.
+        pos = match usize::try_from(skip).ok().and_then(|s| pos.checked_add(s)) {
+            Some(p) if p <= bytes.len() => p,
+            _ => return false,
+        };
+        if matches!(m, 0x80..=0x9f | 0xdc..=0xdf) {
+            if open.len() + 1 >= limit {
+                return true;
+            }
+            // Each value takes at least one byte: more than are left is malformed.
+            if children > (bytes.len() - pos) as u64 {
+                return false;
+            }
+            open.push(children);
+        }
+        // Close the arrays and maps whose values have all been read.
+        while open.last() == Some(&0) {
+            open.pop();
+        }
+        if open.is_empty() {
+            return false;
+        }
     }
 }
 
@@ -346,7 +423,11 @@ impl<'de> de::Deserializer<'de> for &mut Fast<'de> {
         if len != 1 {
             return Err(bail());
         }
-        visitor.visit_enum(Variant(self))
+        // Each level of a recursive enum recurses here: it counts towards the limit.
+        self.enter()?;
+        let v = visitor.visit_enum(Variant(&mut *self))?;
+        self.depth -= 1;
+        Ok(v)
     }
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(
@@ -872,6 +953,135 @@ mod tests {
                 );
                 assert!(from_slice::<serde::de::IgnoredAny>(&deep(1000)).is_ok());
                 assert!(from_slice::<serde::de::IgnoredAny>(&deep(1024)).is_err());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// Nesting depth of a decoded value: a scalar 0, `[[1]]` 2.
+    fn reference_depth(v: &rmpv::Value) -> usize {
+        match v {
+            rmpv::Value::Array(items) => 1 + items.iter().map(reference_depth).max().unwrap_or(0),
+            rmpv::Value::Map(entries) => {
+                1 + entries
+                    .iter()
+                    .map(|(k, v)| reference_depth(k).max(reference_depth(v)))
+                    .max()
+                    .unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn the_fallback_depth_check_measures_nesting_as_a_decoder_does() {
+        let cases: [(&[u8], usize); 8] = [
+            (b"\x01", 0),
+            (b"\x90", 1),
+            (b"\x91\x91\x01", 2),
+            (b"\x92\x91\x01\x91\x01", 2),
+            (b"\x92\x90\x91\x90", 3),
+            (b"\x81\xa1k\x90", 2),
+            (b"\x82\xa1a\x91\x01\xa1b\x02", 2),
+            (b"\xdc\x00\x02\xc4\x01\x00\x81\x01\x91\x90", 4),
+        ];
+        for (bytes, depth) in cases {
+            assert!(
+                nests_as_deep_as(bytes, depth.max(1)) == (depth >= 1),
+                "{bytes:x?}"
+            );
+            assert!(!nests_as_deep_as(bytes, depth + 1), "{bytes:x?}");
+        }
+        // Malformed or cut short: not deep, whatever the lengths claim.
+        for bytes in [
+            &b"\x92\x91"[..],
+            b"\xdd\xff\xff\xff\xff",
+            b"\xdf\xff\xff\xff\xff\x01",
+            b"\xc6\xff\xff\xff\xff",
+        ] {
+            assert!(!nests_as_deep_as(bytes, 1_000), "{bytes:x?}");
+        }
+        // Against a decoder over the corpus (random, cut and mutated values).
+        for b in corpus() {
+            let Ok(v) = rmpv::decode::read_value(&mut &b[..]) else {
+                continue;
+            };
+            let d = reference_depth(&v);
+            for limit in 1..=d + 1 {
+                assert_eq!(nests_as_deep_as(&b, limit), d >= limit, "{b:x?} at {limit}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    /// A recursive enum, as a function's params might be.
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    enum Nest {
+        Leaf,
+        Node(Box<Nest>),
+    }
+
+    /// `{"Node": {"Node": ... "Leaf"}}`, `levels` maps deep.
+    fn nest(levels: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..levels {
+            out.extend_from_slice(b"\x81\xa4Node");
+        }
+        out.extend_from_slice(b"\xa4Leaf");
+        out
+    }
+
+    fn depth(mut n: &Nest) -> usize {
+        let mut d = 0;
+        while let Nest::Node(inner) = n {
+            n = inner;
+            d += 1;
+        }
+        d
+    }
+
+    /// Each level of enum nesting recursed in both decoders with no limit, so a frame of a few
+    /// hundred KiB overflowed the stack of the thread decoding it: the process died. Now
+    /// nesting counts for the fast pass's limit like arrays and maps, and the fallback refuses
+    /// values nested as deep as rmp-serde refuses arrays and maps.
+    #[test]
+    fn deeply_nested_enums_are_refused_not_a_stack_overflow() {
+        // A thread's default stack, as the worker's reader threads have.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let e = from_slice::<Nest>(&nest(100_000)).unwrap_err();
+                assert!(
+                    matches!(e, rmp_serde::decode::Error::DepthLimitExceeded),
+                    "{e}"
+                );
+                assert!(from_slice::<Nest>(&nest(1024)).is_err());
+                // Shallow values still decode, in the fast pass.
+                let n: Nest = try_from_slice(&nest(20)).unwrap();
+                assert_eq!(depth(&n), 20);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// Between the fast pass's limit and the fallback's, rmp-serde decodes (on a thread with
+    /// room for the recursion of an unoptimized build).
+    #[test]
+    fn enums_nested_past_the_fast_pass_limit_decode_through_rmp_serde() {
+        std::thread::Builder::new()
+            .stack_size(512 << 20)
+            .spawn(|| {
+                let levels = MAX_DEPTH as usize + 100;
+                assert_eq!(try_from_slice::<Nest>(&nest(levels)), Err(bail()));
+                let n: Nest = from_slice(&nest(levels)).unwrap();
+                assert_eq!(depth(&n), levels);
+                assert_eq!(n, rmp_serde::from_slice::<Nest>(&nest(levels)).unwrap());
             })
             .unwrap()
             .join()
