@@ -13,23 +13,22 @@
 
 use serde::de::{self, DeserializeSeed, Visitor};
 
-/// Arrays, maps and enum variants nested deeper than this give up, and the fallback decides.
-const MAX_DEPTH: u16 = 512;
-
-/// Values whose arrays and maps nest this deep are refused before rmp-serde sees them: it
-/// refuses arrays and maps nested this deep itself, but not enum variants, whose every level
-/// it decodes one recursion deeper, so a recursive enum type would let a small frame overflow
-/// the decoding thread's stack.
-const FALLBACK_MAX_DEPTH: usize = 1024;
+/// The deepest nesting of arrays, maps and enum variants decoded: deeper values fail with
+/// `DepthLimitExceeded`, whatever the type. rmp-serde's own limit is 1,024 arrays or maps, and
+/// none for enum variants, each of which it decodes one recursion deeper: a recursive enum
+/// type let a small frame overflow the decoding thread's stack, and in an unoptimized build
+/// 1,000 nested arrays already overflow a thread's default 2 MiB. 256 levels fit in 2 MiB in
+/// either build, with room to spare, and are far more than RPC params need.
+const MAX_DEPTH: u16 = 256;
 
 /// Decodes `bytes` into `T`, as `rmp_serde::from_slice` would, except that values nested
-/// [`FALLBACK_MAX_DEPTH`] deep or more fail with `DepthLimitExceeded` whatever `T` is.
+/// deeper than [`MAX_DEPTH`] fail with `DepthLimitExceeded` whatever `T` is.
 pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(
     bytes: &'de [u8],
 ) -> Result<T, rmp_serde::decode::Error> {
     match try_from_slice(bytes) {
         Ok(v) => Ok(v),
-        Err(Bail(())) if nests_as_deep_as(bytes, FALLBACK_MAX_DEPTH) => {
+        Err(Bail(())) if nests_as_deep_as(bytes, MAX_DEPTH as usize + 1) => {
             Err(rmp_serde::decode::Error::DepthLimitExceeded)
         }
         Err(Bail(())) => rmp_serde::from_slice(bytes),
@@ -951,8 +950,19 @@ mod tests {
                     try_from_slice::<serde::de::IgnoredAny>(&deep(MAX_DEPTH as usize + 1)),
                     Err(bail())
                 );
-                assert!(from_slice::<serde::de::IgnoredAny>(&deep(1000)).is_ok());
-                assert!(from_slice::<serde::de::IgnoredAny>(&deep(1024)).is_err());
+                // The fallback refuses the same depth, before rmp-serde (which would take up
+                // to 1,023 levels) sees it.
+                let e = from_slice::<serde::de::IgnoredAny>(&deep(MAX_DEPTH as usize + 1));
+                assert!(matches!(
+                    e,
+                    Err(rmp_serde::decode::Error::DepthLimitExceeded)
+                ));
+                assert!(from_slice::<serde::de::IgnoredAny>(&deep(1000)).is_err());
+                // Within the limit, a value the fast pass gives up on for another reason (an
+                // ext type at the bottom) still goes to rmp-serde.
+                let ext = [vec![0x91; MAX_DEPTH as usize], vec![0xd4, 0x01, 0x09]].concat();
+                assert!(try_from_slice::<rmpv::Value>(&ext).is_err());
+                assert!(from_slice::<rmpv::Value>(&ext).is_ok());
             })
             .unwrap()
             .join()
@@ -1060,7 +1070,7 @@ mod depth_tests {
                     matches!(e, rmp_serde::decode::Error::DepthLimitExceeded),
                     "{e}"
                 );
-                assert!(from_slice::<Nest>(&nest(1024)).is_err());
+                assert!(from_slice::<Nest>(&nest(MAX_DEPTH as usize + 1)).is_err());
                 // Shallow values still decode, in the fast pass.
                 let n: Nest = try_from_slice(&nest(20)).unwrap();
                 assert_eq!(depth(&n), 20);
@@ -1070,18 +1080,18 @@ mod depth_tests {
             .unwrap();
     }
 
-    /// Between the fast pass's limit and the fallback's, rmp-serde decodes (on a thread with
-    /// room for the recursion of an unoptimized build).
+    /// Up to the limit, enums decode, in either build on a thread's default stack.
     #[test]
-    fn enums_nested_past_the_fast_pass_limit_decode_through_rmp_serde() {
+    fn enums_nested_up_to_the_limit_decode() {
         std::thread::Builder::new()
-            .stack_size(512 << 20)
+            .stack_size(2 << 20)
             .spawn(|| {
-                let levels = MAX_DEPTH as usize + 100;
-                assert_eq!(try_from_slice::<Nest>(&nest(levels)), Err(bail()));
-                let n: Nest = from_slice(&nest(levels)).unwrap();
+                // `nest(n)` is n maps deep, and its Leaf a variant one deeper.
+                let levels = MAX_DEPTH as usize - 1;
+                let n: Nest = try_from_slice(&nest(levels)).unwrap();
                 assert_eq!(depth(&n), levels);
-                assert_eq!(n, rmp_serde::from_slice::<Nest>(&nest(levels)).unwrap());
+                let e = from_slice::<Nest>(&nest(MAX_DEPTH as usize + 1)).unwrap_err();
+                assert!(matches!(e, rmp_serde::decode::Error::DepthLimitExceeded));
             })
             .unwrap()
             .join()
