@@ -28,11 +28,14 @@ pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(
 ) -> Result<T, rmp_serde::decode::Error> {
     match try_from_slice(bytes) {
         Ok(v) => Ok(v),
-        Err(Bail(())) if nests_as_deep_as(bytes, MAX_DEPTH as usize + 1) => {
-            Err(rmp_serde::decode::Error::DepthLimitExceeded)
-        }
+        Err(Bail(())) if too_deep(bytes) => Err(rmp_serde::decode::Error::DepthLimitExceeded),
         Err(Bail(())) => rmp_serde::from_slice(bytes),
     }
+}
+
+/// Whether the MessagePack value at the start of `bytes` nests deeper than [`MAX_DEPTH`].
+pub(crate) fn too_deep(bytes: &[u8]) -> bool {
+    nests_as_deep_as(bytes, MAX_DEPTH as usize + 1)
 }
 
 /// Whether the MessagePack value at the start of `bytes` has arrays or maps nested `limit`

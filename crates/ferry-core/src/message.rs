@@ -96,11 +96,22 @@ impl Payload {
         crate::fast_de::from_slice(&self.0)
     }
 
-    /// Decodes into a dynamic MessagePack value.
+    /// Decodes into a dynamic MessagePack value. A value nested deeper than [`decode`]
+    /// allows (256 levels of arrays and maps) gives nil: reading it would recurse once per
+    /// level, as deep as the sender likes.
+    ///
+    /// [`decode`]: Payload::decode
     pub fn to_value(&self) -> rmpv::Value {
-        // The bytes were validated (or produced by an encoder), so reading cannot fail short
-        // of a nesting depth beyond rmpv's limit; that degrades to nil rather than panicking.
+        if self.is_too_deep() {
+            return rmpv::Value::Nil;
+        }
+        // The bytes were validated (or produced by an encoder), so reading cannot fail.
         rmpv::decode::read_value(&mut &self.0[..]).unwrap_or(rmpv::Value::Nil)
+    }
+
+    /// Whether the value nests deeper than [`Payload::decode`] allows.
+    pub(crate) fn is_too_deep(&self) -> bool {
+        crate::fast_de::too_deep(&self.0)
     }
 
     /// Encodes a dynamic MessagePack value.

@@ -197,6 +197,11 @@ pub struct Router {
 
 fn decode_params<P: DeserializeOwned>(params: &Payload) -> Result<P, Rejection> {
     params.decode().or_else(|e| {
+        if matches!(e, rmp_serde::decode::Error::DepthLimitExceeded) {
+            return Err(Rejection::invalid_params(format!(
+                "params do not match: {e}"
+            )));
+        }
         // JavaScript numbers are doubles: msgpack encoders in JS write whole numbers beyond
         // 32 bits as float64. Retry with whole floats as integers, so `{n: 2**40}` fits a
         // `u64` field. Only the failure path pays for this.
@@ -314,6 +319,11 @@ impl Router {
         self.functions.insert(
             name.to_owned(),
             Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
+                if params.is_too_deep() {
+                    return Err(Rejection::invalid_params(
+                        "params do not match: depth limit exceeded",
+                    ));
+                }
                 let v = f(owned.clone(), params.to_value()).map_err(Rejection::handler)?;
                 rmpv::encode::write_value(out, &v).expect("writing to a Vec cannot fail");
                 Ok(())
@@ -473,5 +483,47 @@ mod tests {
             decode_params::<N>(&frac).unwrap_err().kind,
             ErrorType::InvalidParams
         );
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    enum Nest {
+        Leaf,
+        Node(Box<Nest>),
+    }
+
+    /// Params nested far deeper than the decoding limit, given to functions that take a
+    /// recursive type or a dynamic value, are refused with InvalidParams on a thread's default
+    /// stack: every path that reads them (the typed decode, its retry with whole floats as
+    /// integers, the dynamic value) would otherwise recurse once per level.
+    #[test]
+    fn params_nested_too_deep_are_invalid_params_not_a_stack_overflow() {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let router = Router::new()
+                    .sync_fn("nest", |_: Nest| Ok::<_, String>(0))
+                    .sync_fn("value", |_: Value| Ok::<_, String>(0))
+                    .raw_fn("raw", |_, v| Ok(v));
+                let variants = [b"\x81\xa4Node".repeat(100_000), b"\xa4Leaf".to_vec()].concat();
+                let arrays = [vec![0x91; 100_000], vec![0xc0]].concat();
+                for (name, bytes) in [("nest", &variants), ("value", &arrays), ("raw", &arrays)] {
+                    let params = Payload::from_encoded(bytes.clone());
+                    let mut out = Vec::new();
+                    // Synchronous functions take no context.
+                    let ctx = || -> Context { unreachable!() };
+                    match router.dispatch_into(name, params, ctx, &mut out) {
+                        Dispatched::Done(Err(r)) => {
+                            assert_eq!(r.kind, ErrorType::InvalidParams, "{name}: {}", r.message);
+                            assert!(r.message.contains("depth limit"), "{name}: {}", r.message);
+                        }
+                        _ => panic!("{name}: deep params were not refused"),
+                    }
+                }
+                assert_eq!(Payload::from_encoded(arrays).to_value(), Value::Nil);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }
