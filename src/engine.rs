@@ -921,7 +921,7 @@ impl NativeEngine {
         };
         let fd = std::os::fd::AsRawFd::as_raw_fd(&s.sock);
         let until = Instant::now() + self.busy_poll;
-        while !crate::socket::readable_now(fd) && Instant::now() < until {
+        while !ferry_core::engine::readable_now(fd) && Instant::now() < until {
             // With both processes on one core, the peer must run for the answer to come.
             // SAFETY: no arguments; cannot fail on Linux.
             unsafe { libc::sched_yield() };

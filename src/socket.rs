@@ -28,17 +28,6 @@ const SEND_FLAGS: c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const SEND_FLAGS: c_int = 0;
 
-/// Whether `fd` has bytes to read (or a hang-up or error to report) right now.
-pub(crate) fn readable_now(fd: std::os::fd::RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, and a zero timeout: never blocks.
-    unsafe { libc::poll(&mut pfd, 1, 0) != 0 }
-}
-
 /// References released once libuv has closed the poll handle.
 struct Release {
     env: sys::napi_env,

@@ -161,6 +161,19 @@ pub fn runs_on_many_cpus() -> bool {
     })
 }
 
+/// Whether `fd` has bytes to read (or a hang-up or error to report) right now: `poll` with a
+/// zero timeout, for drivers that busy-poll their socket before they wait for it.
+#[cfg(unix)]
+pub fn readable_now(fd: std::os::fd::RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, and a zero timeout: never blocks.
+    unsafe { libc::poll(&mut pfd, 1, 0) != 0 }
+}
+
 mod clock {
     use std::sync::OnceLock;
     use std::time::{Duration, Instant};

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::engine::{
-    runs_on_many_cpus, Deadline, EarlyWrites, Engine, EngineConfig, Event, InvokeOutcome,
-    InvokeReply,
+    readable_now, runs_on_many_cpus, Deadline, EarlyWrites, Engine, EngineConfig, Event,
+    InvokeOutcome, InvokeReply,
 };
 use crate::error::{Error, ErrorType, Result};
 use crate::message::{codes, ByteString, Payload, RequestId};
@@ -790,17 +790,6 @@ async fn read_loop(shared: Arc<Shared>) {
         }
     };
     finish(&shared, Some(lost));
-}
-
-/// Whether `fd` has bytes to read (or a hang-up or error to report) right now.
-fn readable_now(fd: std::os::fd::RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, and a zero timeout: never blocks.
-    unsafe { libc::poll(&mut pfd, 1, 0) != 0 }
 }
 
 /// Blocks until `fd` has something to read, has hung up or has failed (the `read` that follows
