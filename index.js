@@ -181,10 +181,10 @@ class RpcConnection {
       this._native.setBusyPoll(options.busyPollMicros)
     }
     // The per-call entry points, without napi-rs's method overhead (see src/fast.rs).
-    const [fastCall, fastCallNamed, fastReply] = this._native.fastFunctions()
-    this._fastCall = fastCall
-    this._fastCallNamed = fastCallNamed
-    this._fastReply = fastReply
+    const fast = this._native.fastFunctions()
+    this._fastCall = fast.call
+    this._fastCallNamed = fast.callNamed
+    this._fastReply = fast.reply
     // Function names the engine keeps, by the id it gave each: a call by id does not copy its
     // name out of the string (about 5% of calls/s with many small calls in flight).
     this._names = new Map()

@@ -164,7 +164,7 @@ test('a raw entry point keeps its engine alive, and lets it go with itself', asy
   const gc = runInNewContext('gc') as () => void
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const { NativeEngine } = require('../native.js') as {
-    NativeEngine: new (...args: unknown[]) => { fastFunctions(): Fast[keyof Fast][]; internName(name: string): number }
+    NativeEngine: new (...args: unknown[]) => { fastFunctions(): Fast; internName(name: string): number }
   }
   let collected = false
   const registry = new FinalizationRegistry(() => {
@@ -176,7 +176,7 @@ test('a raw entry point keeps its engine alive, and lets it go with itself', asy
       await new Promise((resolve) => setImmediate(resolve))
     }
   }
-  let fns: Fast[keyof Fast][] | undefined = (() => {
+  let fns: Fast | undefined = (() => {
     const noop = () => undefined
     const engine = new NativeEngine(0, true, noop, noop, noop, Buffer.alloc(64))
     registry.register(engine, 'engine')
@@ -186,11 +186,36 @@ test('a raw entry point keeps its engine alive, and lets it go with itself', asy
   await settle()
   t.false(collected, 'the engine was collected while its functions were alive')
   // The engine still answers through them: the name it kept is known, others are not.
-  t.throws(() => fns![1](1, Buffer.from([0xc0]), 0, 1, 0), { message: /unknown nameId/ })
-  t.throws(() => fns![2](7, Buffer.from([0xc0]), 0, 1), { message: /unknown call token/ })
+  t.throws(() => fns!.callNamed(1, Buffer.from([0xc0]), 0, 1, 0), { message: /unknown nameId/ })
+  t.throws(() => fns!.reply(7, Buffer.from([0xc0]), 0, 1), { message: /unknown call token/ })
   fns = undefined
   await settle()
   t.true(collected, 'the engine outlived its functions')
+})
+
+test('making the raw entry points runs no setter user code put on the prototype chain', (t) => {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { NativeEngine } = require('../native.js') as {
+    NativeEngine: new (...args: unknown[]) => { fastFunctions(): Fast }
+  }
+  const noop = () => undefined
+  const engine = new NativeEngine(0, true, noop, noop, noop, Buffer.alloc(64))
+  const ran: string[] = []
+  const keys = ['0', 'call', 'callNamed', 'reply', 'engine']
+  // Synchronous from here to the cleanup: no other test runs while the setters exist.
+  for (const key of keys) {
+    Object.defineProperty(Object.prototype, key, { set: () => ran.push(key), configurable: true })
+  }
+  let fns: Fast
+  try {
+    fns = engine.fastFunctions()
+  } finally {
+    for (const key of keys) delete (Object.prototype as Record<string, unknown>)[key]
+  }
+  t.deepEqual(ran, [])
+  t.is(typeof fns.call, 'function')
+  t.is(typeof fns.callNamed, 'function')
+  t.is(typeof fns.reply, 'function')
 })
 
 test('the raw reply refuses a bad range or a token that is not pending', async (t) => {

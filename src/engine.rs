@@ -2,7 +2,7 @@
 //!
 //! The engine owns the connection's Unix socket, watched by libuv on Node's own loop (see
 //! [`crate::socket`]): no thread sits between a call and the socket. A call crosses into Rust
-//! once (`fastCall` queues the frame and returns the call's id); the frames queued in one loop
+//! once (the raw `call` queues the frame and returns the call's id); the frames queued in one loop
 //! turn go out in one `send`. Answers cross back once per *read*, not per call: every result
 //! of a read goes into one MessagePack buffer `[id, value, id, value, ...]` handed to the
 //! wrapper's `deliver` hook, which unpacks it with one msgpackr call and resolves the
@@ -269,7 +269,7 @@ impl NativeEngine {
         self.call_raw(&name, &mut params, timeout_ms)
     }
 
-    /// `call`'s work, shared with the raw `fastCall` entry point.
+    /// `call`'s work, shared with the raw `call` entry point (`fastFunctions`).
     pub(crate) fn call_raw(&mut self, name: &str, params: &mut [u8], timeout_ms: f64) -> f64 {
         if let Err(e) = normalize_whole_floats(params) {
             return self.queued(Err((
@@ -328,13 +328,13 @@ impl NativeEngine {
         id
     }
 
-    /// This engine's raw entry points, `[call, callNamed, reply]`: `call(name, buffer, start,
+    /// This engine's raw entry points, `{call, callNamed, reply}`: `call(name, buffer, start,
     /// end, timeoutMs)` is `call` with the params `buffer[start..end]` and without napi-rs's
     /// per-call overhead, `callNamed(nameId, ...)` the same with a name `internName` kept, and
     /// `reply(token, buffer, start, end)` is `reply` likewise (see src/fast.rs). Each function
     /// keeps this engine alive.
     #[napi(
-        ts_return_type = "[(name: string, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number, (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number, (token: number, buffer: Uint8Array, start: number, end: number) => void]"
+        ts_return_type = "{ call: (name: string, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; reply: (token: number, buffer: Uint8Array, start: number, end: number) => void }"
     )]
     pub fn fast_functions(&mut self, env: Env, this: This) -> Result<RawValue> {
         // SAFETY: `this` wraps `self`, on the JS thread.
@@ -590,7 +590,7 @@ impl NativeEngine {
         self.reply_raw(token, &mut result)
     }
 
-    /// `reply`'s work, shared with the raw `fastReply` entry point.
+    /// `reply`'s work, shared with the raw `reply` entry point (`fastFunctions`).
     pub(crate) fn reply_raw(&mut self, token: u32, result: &mut [u8]) -> Result<()> {
         let id = self.take_call(token)?;
         match normalize_whole_floats(result) {
@@ -1054,7 +1054,7 @@ fn errno_of(e: &std::io::Error) -> i32 {
 }
 
 // JS runs inside these callbacks (hooks, handlers, promise continuations) and may call back
-// into the engine at once (`fastCall`, `reply`, `close`...). So no `&mut NativeEngine` is held
+// into the engine at once (the raw `call`, `reply`, `close`...). So no `&mut NativeEngine` is held
 // across a call into JS here: each step re-borrows through the raw pointer. (`process` does hold
 // one while `deliver` and `fail` run: those hooks only settle promises, whose continuations run
 // later, when the callback scope closes.)

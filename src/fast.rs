@@ -210,7 +210,7 @@ unsafe extern "C" fn fast_call_named(
     out
 }
 
-/// The raw entry points of `engine`, whose JS object is `this`: an array of the functions
+/// The raw entry points of `engine`, whose JS object is `this`: an object with the functions
 /// `call`, `callNamed` and `reply` described above, each holding `this` in its read-only,
 /// non-configurable `engine` property.
 ///
@@ -222,23 +222,22 @@ pub(crate) unsafe fn fast_functions(
     engine: *mut NativeEngine,
 ) -> Result<sys::napi_value> {
     type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
-    let entries: [(&str, Callback); 3] = [
-        ("call", fast_call),
-        ("callNamed", fast_call_named),
-        ("reply", fast_reply),
+    let entries: [(&std::ffi::CStr, Callback); 3] = [
+        (c"call", fast_call),
+        (c"callNamed", fast_call_named),
+        (c"reply", fast_reply),
     ];
+    // Properties are defined, never set: a set would run any setter user code put on the
+    // prototype chain, while this engine is borrowed.
     let mut out = ptr::null_mut();
-    crate::raw::check(
-        sys::napi_create_array_with_length(env, entries.len(), &mut out),
-        "napi_create_array_with_length",
-    )?;
-    for (i, (name, callback)) in entries.into_iter().enumerate() {
+    crate::raw::check(sys::napi_create_object(env, &mut out), "napi_create_object")?;
+    for (name, callback) in entries {
         let mut f = ptr::null_mut();
         crate::raw::check(
             sys::napi_create_function(
                 env,
-                name.as_ptr().cast(),
-                name.len() as isize,
+                name.as_ptr(),
+                name.count_bytes() as isize,
                 Some(callback),
                 engine.cast(),
                 &mut f,
@@ -247,24 +246,31 @@ pub(crate) unsafe fn fast_functions(
         )?;
         // The function keeps its engine alive: a property of the default attributes can be
         // neither changed nor deleted.
-        let keep = sys::napi_property_descriptor {
-            utf8name: c"engine".as_ptr(),
-            name: ptr::null_mut(),
-            method: None,
-            getter: None,
-            setter: None,
-            value: this,
-            attributes: sys::PropertyAttributes::default,
-            data: ptr::null_mut(),
-        };
-        crate::raw::check(
-            sys::napi_define_properties(env, f, 1, &keep),
-            "napi_define_properties",
-        )?;
-        crate::raw::check(
-            sys::napi_set_element(env, out, i as u32, f),
-            "napi_set_element",
-        )?;
+        define(env, f, c"engine", this)?;
+        define(env, out, name, f)?;
     }
     Ok(out)
+}
+
+/// Defines the read-only, non-enumerable, non-configurable property `name` of `object`.
+unsafe fn define(
+    env: sys::napi_env,
+    object: sys::napi_value,
+    name: &std::ffi::CStr,
+    value: sys::napi_value,
+) -> Result<()> {
+    let property = sys::napi_property_descriptor {
+        utf8name: name.as_ptr(),
+        name: ptr::null_mut(),
+        method: None,
+        getter: None,
+        setter: None,
+        value,
+        attributes: sys::PropertyAttributes::default,
+        data: ptr::null_mut(),
+    };
+    crate::raw::check(
+        sys::napi_define_properties(env, object, 1, &property),
+        "napi_define_properties",
+    )
 }

@@ -7,7 +7,7 @@
 //! - `socket`: the socket watched by libuv (`uv_poll`) on Node's own loop, through the
 //!   libuv functions in `uv`: reads, decoding and promise resolution happen on the JS thread,
 //!   so a call costs no thread hand-off.
-//! - `fast`: the raw N-API `fastCall` entry point for the per-call hot path.
+//! - `fast`: the raw N-API entry points (`call`, `callNamed`, `reply`) of the per-call hot path.
 //! - [`error`]: the single place where core errors become JS errors with a stable `code`.
 //! - [`raw`]: the few raw N-API calls used for promises and callbacks.
 

@@ -140,8 +140,9 @@ impl Default for EarlyWrites {
     }
 }
 
-/// Whether this process may run on more than one CPU: its affinity mask on Linux (as Node's
-/// `os.availableParallelism()` reads it), else [`std::thread::available_parallelism`]. Read
+/// Whether this process may run on more than one CPU: on Linux, the affinity mask of the
+/// thread that asks first (as Node's `os.availableParallelism()` reads it; a process pinned
+/// with `taskset` pins all its threads), else [`std::thread::available_parallelism`]. Read
 /// once per process.
 pub fn runs_on_many_cpus() -> bool {
     static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

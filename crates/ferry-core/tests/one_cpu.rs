@@ -77,7 +77,7 @@ fn wait_asleep(tid: &str) {
     }
 }
 
-/// Blocks until `sock` has something to read.
+/// Blocks until `sock` has something to read (failing the test after the test limit).
 fn wait_readable(sock: &UnixStream) {
     use std::os::fd::AsRawFd;
     let mut pfd = libc::pollfd {
@@ -85,8 +85,13 @@ fn wait_readable(sock: &UnixStream) {
         events: libc::POLLIN,
         revents: 0,
     };
+    let limit = common::TEST_LIMIT.as_millis() as libc::c_int;
     // SAFETY: one valid pollfd.
-    assert_eq!(unsafe { libc::poll(&mut pfd, 1, -1) }, 1);
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, limit) },
+        1,
+        "no answer came"
+    );
 }
 
 fn call_inc(sock: &mut UnixStream, id: u64) {
@@ -234,6 +239,16 @@ fn on_one_cpu_threads_connections_carry_everything_and_see_hang_ups() {
         // The client goes: the server's reader sees it.
         client.close();
         server.closed().await;
+        // And every thread of both connections ends: none is left waiting in `poll`.
+        let deadline = std::time::Instant::now() + common::TEST_LIMIT;
+        while !threads_named("ferry-reader").is_empty() || !threads_named("ferry-writer").is_empty()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connections' threads did not end"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
 
         // The server goes while a call waits: the call ends, and the client's reader sees the
         // hang-up.
