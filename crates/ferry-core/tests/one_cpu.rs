@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use common::{encode, frame, map, TestServer};
 use ferry_core::engine::runs_on_many_cpus;
 use ferry_core::router::Value;
-use ferry_core::{CallOptions, Connection, ConnectionConfig, IoMode, Router};
+use ferry_core::{Connection, ConnectionConfig, IoMode, Router};
 
 /// Restricts the calling thread, and the threads it starts from now on, to one of its CPUs.
 fn pin_to_one_cpu() {
@@ -213,21 +213,7 @@ fn on_one_cpu_threads_connections_carry_everything_and_see_hang_ups() {
         let (server, client) = pair();
         // Larger than the 64 KiB read buffer and than the socket: reads that fill the buffer,
         // writers that wait for room.
-        let echoes = (0..3u64).map(|k| {
-            let client = &client;
-            async move {
-                let blob: Vec<u8> = (0..3 * 1024 * 1024 + k)
-                    .map(|i| (i * 31 + k) as u8)
-                    .collect();
-                let params = encode(&Value::Binary(blob));
-                let back = client
-                    .call_raw("echo", &params, CallOptions::default())
-                    .await
-                    .unwrap();
-                assert!(back.as_bytes() == &params[..], "echo {k} came back altered");
-            }
-        });
-        futures_util::future::join_all(echoes).await;
+        common::echo_large_payloads(&client).await;
 
         let incs = (0..500u64).map(|n| {
             let client = &client;

@@ -308,28 +308,11 @@ async fn payloads_larger_than_the_socket_buffer_arrive_whole_both_ways() {
             let conn = Connection::connect_with(&server.path, Router::new(), config)
                 .await
                 .unwrap();
-            echo_large_payloads(&conn).await;
+            common::echo_large_payloads(&conn).await;
             assert_serves(&conn).await;
         }
     })
     .await
-}
-
-/// Several MiB in flight each way at once: both writers find the socket full many times over
-/// and must wait for room, while each side's reader keeps reading.
-async fn echo_large_payloads(conn: &Connection) {
-    let calls = (0..6u64).map(|k| async move {
-        let blob: Vec<u8> = (0..3 * 1024 * 1024 + k)
-            .map(|i| (i * 31 + k) as u8)
-            .collect();
-        let params = common::encode(&Value::Binary(blob));
-        let back = conn
-            .call_raw("echo", &params, CallOptions::default())
-            .await
-            .unwrap();
-        assert!(back.as_bytes() == &params[..], "echo {k} came back altered");
-    });
-    futures_util::future::join_all(calls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1069,7 +1052,7 @@ fn busy_polling_connections_serve_calls_both_ways() {
                     }
                 });
                 futures_util::future::join_all(sums).await;
-                echo_large_payloads(&conn).await;
+                common::echo_large_payloads(&conn).await;
                 conn.close();
             }
         }

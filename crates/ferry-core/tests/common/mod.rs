@@ -270,3 +270,20 @@ pub fn has_key(msg: &Value, key: &str) -> bool {
         .map(|m| m.iter().any(|(k, _)| k.as_str() == Some(key)))
         .unwrap_or(false)
 }
+
+/// Several MiB in flight each way at once: both writers find the socket full many times over
+/// and must wait for room, while each side's reader keeps reading.
+pub async fn echo_large_payloads(conn: &ferry_core::Connection) {
+    let calls = (0..6u64).map(|k| async move {
+        let blob: Vec<u8> = (0..3 * 1024 * 1024 + k)
+            .map(|i| (i * 31 + k) as u8)
+            .collect();
+        let params = encode(&Value::Binary(blob));
+        let back = conn
+            .call_raw("echo", &params, ferry_core::CallOptions::default())
+            .await
+            .unwrap();
+        assert!(back.as_bytes() == &params[..], "echo {k} came back altered");
+    });
+    futures_util::future::join_all(calls).await;
+}
