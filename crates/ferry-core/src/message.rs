@@ -102,16 +102,17 @@ impl Payload {
     ///
     /// [`decode`]: Payload::decode
     pub fn to_value(&self) -> rmpv::Value {
-        if self.is_too_deep() {
-            return rmpv::Value::Nil;
-        }
-        // The bytes were validated (or produced by an encoder), so reading cannot fail.
-        rmpv::decode::read_value(&mut &self.0[..]).unwrap_or(rmpv::Value::Nil)
+        self.to_value_within_limit().unwrap_or(rmpv::Value::Nil)
     }
 
-    /// Whether the value nests deeper than [`Payload::decode`] allows.
-    pub(crate) fn is_too_deep(&self) -> bool {
-        crate::fast_de::too_deep(&self.0)
+    /// [`Payload::to_value`], or `None` for a value nested deeper than [`Payload::decode`]
+    /// allows.
+    pub(crate) fn to_value_within_limit(&self) -> Option<rmpv::Value> {
+        if crate::fast_de::too_deep(&self.0) {
+            return None;
+        }
+        // The bytes were validated (or produced by an encoder), so reading cannot fail.
+        Some(rmpv::decode::read_value(&mut &self.0[..]).unwrap_or(rmpv::Value::Nil))
     }
 
     /// Encodes a dynamic MessagePack value.

@@ -319,12 +319,12 @@ impl Router {
         self.functions.insert(
             name.to_owned(),
             Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
-                if params.is_too_deep() {
+                let Some(params) = params.to_value_within_limit() else {
                     return Err(Rejection::invalid_params(
                         "params do not match: depth limit exceeded",
                     ));
-                }
-                let v = f(owned.clone(), params.to_value()).map_err(Rejection::handler)?;
+                };
+                let v = f(owned.clone(), params).map_err(Rejection::handler)?;
                 rmpv::encode::write_value(out, &v).expect("writing to a Vec cannot fail");
                 Ok(())
             })),
