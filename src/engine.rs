@@ -2,8 +2,8 @@
 //!
 //! The engine owns the connection's Unix socket, watched by libuv on Node's own loop (see
 //! [`crate::socket`]): no thread sits between a call and the socket. A call crosses into Rust
-//! once (the raw `call` queues the frame and returns the call's id); the frames queued in one loop
-//! turn go out in one `send`. Answers cross back once per *read*, not per call: every result
+//! once (the raw `call` queues the frame and returns the call's id); the frames queued in one
+//! loop turn go out in one `send`. Answers cross back once per *read*, not per call: every result
 //! of a read goes into one MessagePack buffer `[id, value, id, value, ...]` handed to the
 //! wrapper's `deliver` hook, which unpacks it with one msgpackr call and resolves the
 //! promises. Envelopes, ids, matching and deadlines stay in Rust. Every buffer from JS is
@@ -1054,8 +1054,8 @@ fn errno_of(e: &std::io::Error) -> i32 {
 }
 
 // JS runs inside these callbacks (hooks, handlers, promise continuations) and may call back
-// into the engine at once (the raw `call`, `reply`, `close`...). So no `&mut NativeEngine` is held
-// across a call into JS here: each step re-borrows through the raw pointer. (`process` does hold
+// into the engine at once (the raw `call`, `reply`, `close`...). So no `&mut NativeEngine` is
+// held across a call into JS here: each step re-borrows through the raw pointer. (`process` does hold
 // one while `deliver` and `fail` run: those hooks only settle promises, whose continuations run
 // later, when the callback scope closes.)
 impl Driver for NativeEngine {

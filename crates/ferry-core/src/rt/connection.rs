@@ -1336,7 +1336,8 @@ fn read_thread(shared: Arc<Shared>) {
         // saying what it waits for, so each time the peer reads our answers (making room to
         // write) the kernel wakes it for nothing, and on one core that costs two context
         // switches per round trip (with both processes pinned to one core, a sequential call
-        // from Node: 11.2-11.7 -> 8.9-9.9 µs at the median; 64 in flight +3-8% calls/s). With
+        // from Node: 11.1-11.7 -> 8.9-9.9 µs at the median over five interleaved pairs; 64 in
+        // flight +3-10% calls/s; docs/benchmarks.md). With
         // more CPUs, the blocked `read` is kept: that wake-up comes as the peer takes its
         // answers, just before it sends more, and readies this thread's idle core for them
         // (unpinned, waiting in `poll` cost a third of the calls/s with 64 in flight and 5-15
