@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use ferry_core::engine::{
     Deadline, EarlyWrites, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply,
 };
+use ferry_core::frame::FrameDecoder;
 use ferry_core::message::normalize_whole_floats;
-use ferry_core::message::ByteString;
-use ferry_core::{Error as CoreError, ErrorType, Payload, RequestId};
+use ferry_core::{Error as CoreError, ErrorType, RequestId};
 use napi::bindgen_prelude::*;
 use napi::sys;
 use napi_derive::napi;
@@ -37,6 +37,9 @@ const SOCKET_CLOSED: u32 = 3;
 /// How much one readable event reads at most before letting the loop go on.
 const READ_BUDGET: usize = 4 << 20;
 
+/// The least room one read gets (more when a frame's start says it needs more).
+const READ_ROOM: usize = 16 * 1024;
+
 /// Kind tags of the calls in the batch made by [`NativeEngine::incoming_batch`].
 const INCOMING_CALL: u32 = 0;
 const INCOMING_INVOKE: u32 = 1;
@@ -47,11 +50,6 @@ const BATCH_HEADER: usize = 5;
 /// Bits of the status returned by `process`.
 const STATUS_INCOMING: u32 = 1;
 const STATUS_FATAL: u32 = 2;
-
-enum Incoming {
-    Call(RequestId, ByteString, Payload),
-    Invoke(InvokeReply, Payload),
-}
 
 struct Hooks {
     deliver: FnRef,
@@ -65,9 +63,15 @@ struct Hooks {
 pub struct NativeEngine {
     /// Pending calls carry their own id as the token.
     engine: Engine<u64>,
+    /// What was read from the socket and not yet handled (a frame's start, at most).
+    input: FrameDecoder,
     hooks: Option<Hooks>,
-    /// The peer's calls decoded by `process`, handed to JS after each read.
-    incoming: Vec<Incoming>,
+    /// The peer's calls of one read, written by `process` as the MessagePack array that
+    /// [`Self::incoming_batch`] hands to JS (its count is filled in then).
+    incoming: Vec<u8>,
+    /// Each of those calls: whether it is an `rpc_call` (else an invocation), its token, and
+    /// where its four values end in `incoming`.
+    incoming_items: Vec<(bool, usize, usize)>,
     /// The results of one read as the MessagePack array `[id, value, ...]`, for one `deliver`
     /// call.
     batch: Vec<u8>,
@@ -101,6 +105,24 @@ pub struct NativeEngine {
     /// The error of an early flush, left for the next regular flush to report (an early flush
     /// runs inside a call from JS, where the connection's loss cannot be announced).
     write_failed: Option<std::io::Error>,
+}
+
+/// `incoming`, ready for one more call: started afresh with an array32 header (its count
+/// filled in later) before the first call of a read.
+fn incoming_item<'a>(incoming: &'a mut Vec<u8>, items: &[(bool, usize, usize)]) -> &'a mut Vec<u8> {
+    if items.is_empty() {
+        incoming.clear();
+        incoming.extend_from_slice(&[0xdd, 0, 0, 0, 0][..BATCH_HEADER]);
+    }
+    incoming
+}
+
+/// Appends one call's four values `kind, token, name, params` to the incoming batch.
+fn write_incoming(out: &mut Vec<u8>, kind: u32, token: usize, name: &str, params: &[u8]) {
+    rmp::encode::write_uint(out, kind as u64).expect("Vec write");
+    rmp::encode::write_uint(out, token as u64).expect("Vec write");
+    rmp::encode::write_str(out, name).expect("Vec write");
+    out.extend_from_slice(params);
 }
 
 fn bad_arg(msg: impl Into<String>) -> napi::Error {
@@ -138,12 +160,14 @@ impl NativeEngine {
                 max_frame,
                 send_cancel,
             }),
+            input: FrameDecoder::new(max_frame),
             hooks: Some(Hooks {
                 deliver: FnRef::new(e, deliver.raw())?,
                 fail: FnRef::new(e, fail.raw())?,
                 make_error: FnRef::new(e, make_error.raw())?,
             }),
             incoming: Vec::new(),
+            incoming_items: Vec::new(),
             batch: Vec::new(),
             items: Vec::new(),
             scratch: Some(scratch),
@@ -384,8 +408,9 @@ impl NativeEngine {
 
     /// Acts on the frames read so far: delivers the answered calls of this read in one
     /// `deliver` call, fails the failed ones, answers health checks and bad messages, and
-    /// queues the peer's calls for [`Self::incoming_batch`]. Returns the status bits: 1 incoming
-    /// calls queued, 2 fatal (the stream cannot be trusted; see `fatal`).
+    /// writes the peer's calls for [`Self::incoming_batch`]. Values are copied once, straight
+    /// from the read buffer into the batches. Returns the status bits: 1 incoming calls
+    /// queued, 2 fatal (the stream cannot be trusted; see `fatal`).
     fn process(&mut self, raw_env: sys::napi_env) -> u32 {
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
@@ -393,14 +418,22 @@ impl NativeEngine {
         batch.extend_from_slice(&[0xdd, 0, 0, 0, 0][..BATCH_HEADER]);
         let mut items = std::mem::take(&mut self.items);
         items.clear();
-        while let Some(ev) = self.engine.poll_event() {
+        let mut frames = self.input.frames();
+        for frame in frames.by_ref() {
+            let ev = match frame {
+                Ok(body) => match self.engine.on_frame(body) {
+                    Some(ev) => ev,
+                    None => continue,
+                },
+                Err(e) => self.engine.frame_too_large(e),
+            };
             match ev {
                 Event::Settled {
                     token,
-                    result: Ok(payload),
+                    result: Ok(value),
                 } => {
                     rmp::encode::write_uint(&mut batch, token).expect("Vec write");
-                    batch.extend_from_slice(payload.as_bytes());
+                    batch.extend_from_slice(&value);
                     items.push((token, batch.len()));
                 }
                 Event::Settled {
@@ -411,11 +444,18 @@ impl NativeEngine {
                     request_id,
                     function_name,
                     params,
-                } => self
-                    .incoming
-                    .push(Incoming::Call(request_id, function_name, params)),
+                } => {
+                    let token = self.calls.insert(request_id);
+                    let out = incoming_item(&mut self.incoming, &self.incoming_items);
+                    write_incoming(out, INCOMING_CALL, token, &function_name, &params);
+                    self.incoming_items.push((true, token, out.len()));
+                }
                 Event::Invoke { reply, request } => {
-                    self.incoming.push(Incoming::Invoke(reply, request))
+                    let out = incoming_item(&mut self.incoming, &self.incoming_items);
+                    let token = self.invokes.vacant_key();
+                    write_incoming(out, INCOMING_INVOKE, token, reply.handler_id(), &request);
+                    let token = self.invokes.insert(reply);
+                    self.incoming_items.push((false, token, out.len()));
                 }
                 // JS handlers run to completion; their answer is then ignored by the peer.
                 Event::Cancel { .. } => {}
@@ -426,6 +466,8 @@ impl NativeEngine {
                 }
             }
         }
+        let consumed = frames.consumed();
+        self.input.consume(consumed);
         if !items.is_empty() {
             let count = (2 * items.len()) as u32;
             batch[1..BATCH_HEADER].copy_from_slice(&count.to_be_bytes());
@@ -469,7 +511,7 @@ impl NativeEngine {
 
     fn status(&self) -> u32 {
         let mut bits = 0;
-        if !self.incoming.is_empty() {
+        if !self.incoming_items.is_empty() {
             bits |= STATUS_INCOMING;
         }
         if self.fatal.is_some() {
@@ -478,38 +520,17 @@ impl NativeEngine {
         bits
     }
 
-    /// The peer's calls queued by `process`, as one MessagePack array `[kind, token, name,
+    /// The peer's calls written by `process`, as one MessagePack array `[kind, token, name,
     /// params, ...]` (kind 0: rpc_call, 1: invoke_handler; for an invocation, `name` is the
     /// handler id and `params` the request), which the wrapper unpacks with one msgpackr call.
-    /// Also returns each call's token and where its four values end in the array. JS answers
-    /// each call with its token.
+    /// Also returns each call's kind, token and where its four values end in the array. JS
+    /// answers each call with its token.
     fn incoming_batch(&mut self) -> (Vec<u8>, Vec<(bool, usize, usize)>) {
-        let incoming = std::mem::take(&mut self.incoming);
-        let mut batch = Vec::with_capacity(BATCH_HEADER + 64 * incoming.len());
-        batch.extend_from_slice(&[0xdd, 0, 0, 0, 0][..BATCH_HEADER]);
-        let count = (4 * incoming.len()) as u32;
-        batch[1..BATCH_HEADER].copy_from_slice(&count.to_be_bytes());
-        let mut items = Vec::with_capacity(incoming.len());
-        for item in incoming {
-            let (is_call, token) = match item {
-                Incoming::Call(request_id, function_name, params) => {
-                    let token = self.calls.insert(request_id);
-                    rmp::encode::write_uint(&mut batch, INCOMING_CALL as u64).expect("Vec write");
-                    rmp::encode::write_uint(&mut batch, token as u64).expect("Vec write");
-                    rmp::encode::write_str(&mut batch, &function_name).expect("Vec write");
-                    batch.extend_from_slice(params.as_bytes());
-                    (true, token)
-                }
-                Incoming::Invoke(reply, request) => {
-                    let token = self.invokes.vacant_key();
-                    rmp::encode::write_uint(&mut batch, INCOMING_INVOKE as u64).expect("Vec write");
-                    rmp::encode::write_uint(&mut batch, token as u64).expect("Vec write");
-                    rmp::encode::write_str(&mut batch, reply.handler_id()).expect("Vec write");
-                    batch.extend_from_slice(request.as_bytes());
-                    (false, self.invokes.insert(reply))
-                }
-            };
-            items.push((is_call, token, batch.len()));
+        let mut batch = std::mem::take(&mut self.incoming);
+        let items = std::mem::take(&mut self.incoming_items);
+        if !items.is_empty() {
+            let count = (4 * items.len()) as u32;
+            batch[1..BATCH_HEADER].copy_from_slice(&count.to_be_bytes());
         }
         (batch, items)
     }
@@ -687,6 +708,7 @@ impl NativeEngine {
         self.calls.clear();
         self.invokes.clear();
         self.incoming.clear();
+        self.incoming_items.clear();
         self.user_ref = false;
         self.touched();
     }
@@ -1008,22 +1030,18 @@ impl NativeEngine {
     /// Reads what the socket has (up to [`READ_BUDGET`]); returns whether the peer hung up
     /// and the error that ended the stream, if any.
     fn read_socket(&mut self) -> (bool, Option<std::io::Error>) {
+        use std::io::Read;
         let Some(s) = self.socket.as_ref() else {
             return (false, None);
         };
         let mut total = 0;
         loop {
-            let buf = self.engine.read_buffer();
-            if buf.capacity() - buf.len() < 16 * 1024 {
-                buf.reserve(64 * 1024);
-            }
-            let spare = buf.spare_capacity_mut();
-            let want = spare.len();
-            match s.sock.recv(spare) {
+            let room = self.input.spare(READ_ROOM);
+            let want = room.len();
+            match (&s.sock).read(room) {
                 Ok(0) => return (true, None),
                 Ok(n) => {
-                    // SAFETY: `recv` initialized the first `n` bytes of the spare capacity.
-                    unsafe { buf.set_len(buf.len() + n) };
+                    self.input.filled(n);
                     total += n;
                     // A short read means the socket is drained (the poll is level-triggered:
                     // anything arriving meanwhile fires it again).

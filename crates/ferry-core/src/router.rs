@@ -16,6 +16,8 @@ use rustc_hash::FxHashMap;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::ErrorType;
+use std::borrow::Cow;
+
 use crate::message::{Payload, RequestId};
 use crate::rt::Connection;
 
@@ -161,7 +163,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub type CallFuture = BoxFuture<Result<Payload, Rejection>>;
 type CallFn = dyn Fn(Context, Payload) -> BoxFuture<Result<Payload, Rejection>> + Send + Sync;
 /// A synchronous function: runs at once and appends its encoded result to the buffer.
-type SyncFn = dyn Fn(&Payload, &mut Vec<u8>) -> Result<(), Rejection> + Send + Sync;
+type SyncFn = dyn Fn(&[u8], &mut Vec<u8>) -> Result<(), Rejection> + Send + Sync;
 type RouteFn = dyn Fn(Context, Payload) -> BoxFuture<Result<HttpResponse, Rejection>> + Send + Sync;
 
 /// A function over raw MessagePack: its result is spliced into the answer without a copy.
@@ -195,8 +197,8 @@ pub struct Router {
     routes: FxHashMap<String, Arc<RouteFn>>,
 }
 
-fn decode_params<P: DeserializeOwned>(params: &Payload) -> Result<P, Rejection> {
-    params.decode().or_else(|e| {
+fn decode_params<P: DeserializeOwned>(params: &[u8]) -> Result<P, Rejection> {
+    crate::fast_de::from_slice(params).or_else(|e| {
         if matches!(e, rmp_serde::decode::Error::DepthLimitExceeded) {
             return Err(Rejection::invalid_params(format!(
                 "params do not match: {e}"
@@ -205,7 +207,7 @@ fn decode_params<P: DeserializeOwned>(params: &Payload) -> Result<P, Rejection> 
         // JavaScript numbers are doubles: msgpack encoders in JS write whole numbers beyond
         // 32 bits as float64. Retry with whole floats as integers, so `{n: 2**40}` fits a
         // `u64` field. Only the failure path pays for this.
-        let mut value = params.to_value();
+        let mut value = crate::message::value_within_limit(params).unwrap_or(Value::Nil);
         if integralize(&mut value) {
             if let Ok(p) = Payload::from_value(&value).decode() {
                 return Ok(p);
@@ -268,7 +270,7 @@ impl Router {
             Function::Async(Arc::new(move |ctx, params: Payload| {
                 let f = f.clone();
                 Box::pin(async move {
-                    let p = decode_params::<P>(&params)?;
+                    let p = decode_params::<P>(params.as_bytes())?;
                     let r = f(ctx, p).await.map_err(IntoRejection::into_rejection)?;
                     encode_result(&r)
                 })
@@ -300,7 +302,7 @@ impl Router {
     {
         self.functions.insert(
             name.to_owned(),
-            Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
+            Function::Sync(Arc::new(move |params: &[u8], out: &mut Vec<u8>| {
                 let p = decode_params::<P>(params)?;
                 let r = f(p).map_err(IntoRejection::into_rejection)?;
                 encode_result_into(&r, out)
@@ -318,8 +320,8 @@ impl Router {
         let owned = name.to_owned();
         self.functions.insert(
             name.to_owned(),
-            Function::Sync(Arc::new(move |params: &Payload, out: &mut Vec<u8>| {
-                let Some(params) = params.to_value_within_limit() else {
+            Function::Sync(Arc::new(move |params: &[u8], out: &mut Vec<u8>| {
+                let Some(params) = crate::message::value_within_limit(params) else {
                     return Err(Rejection::invalid_params(
                         "params do not match: depth limit exceeded",
                     ));
@@ -333,7 +335,7 @@ impl Router {
     }
 
     /// Registers a function over raw MessagePack: it gets the params exactly as received (one
-    /// validated value, sliced out of the frame without a copy) and returns its result
+    /// validated value, copied out of the read buffer once) and returns its result
     /// encoded, which is spliced into the answer as is. For proxies, caches and byte-heavy
     /// functions that gain nothing from decoding; see [`Payload::decode`] and
     /// [`Payload::encode`] to work with the bytes. `Err` is answered like [`Router::sync_fn`]'s.
@@ -367,7 +369,7 @@ impl Router {
             Arc::new(move |ctx, request: Payload| {
                 let f = f.clone();
                 Box::pin(async move {
-                    let req = decode_params::<Req>(&request)?;
+                    let req = decode_params::<Req>(request.as_bytes())?;
                     f(ctx, req).await.map_err(IntoRejection::into_rejection)
                 })
             }),
@@ -395,7 +397,7 @@ impl Router {
                 let f = f.clone();
                 Box::pin(async move {
                     let mut out = Vec::new();
-                    f(&params, &mut out)?;
+                    f(params.as_bytes(), &mut out)?;
                     Ok(Payload::from_encoded(out))
                 })
             }
@@ -407,16 +409,19 @@ impl Router {
         }
     }
 
-    /// Runs the named function as cheaply as it can be run: a synchronous one (registered
-    /// with [`Router::sync_fn`] or [`Router::raw_fn`]) runs right here and appends its encoded
-    /// result to `out`, with no future and no allocation of its own; a
-    /// [`Router::payload_fn`] runs right here and its result is returned as is; an asynchronous one gets its [`Context`] from `ctx` and is returned as a future,
-    /// not polled yet. User code may panic inside this call: drivers catch it (and then cut
-    /// `out` back to its length before the call).
+    /// Runs the named function as cheaply as it can be run, on `params` (one MessagePack
+    /// value's bytes, borrowed from the frame they came in): a synchronous one (registered
+    /// with [`Router::sync_fn`] or [`Router::raw_fn`]) runs right here on the borrowed bytes
+    /// and appends its encoded result to `out`, with no future and no allocation of its own;
+    /// a [`Router::payload_fn`] runs right here (on a copy of borrowed params) and its result
+    /// is returned as is; an asynchronous one gets its [`Context`] from `ctx` and a copy of
+    /// borrowed params, and is returned as a future, not polled yet. User code may panic
+    /// inside this call: drivers catch it (and then cut `out` back to its length before the
+    /// call).
     pub fn dispatch_into(
         &self,
         name: &str,
-        params: Payload,
+        params: Cow<'_, [u8]>,
         ctx: impl FnOnce() -> Context,
         out: &mut Vec<u8>,
     ) -> Dispatched {
@@ -429,11 +434,11 @@ impl Router {
                 }
                 Dispatched::Done(r)
             }
-            Some(Function::Payload(f)) => match f(params) {
+            Some(Function::Payload(f)) => match f(Payload::from_cow(params)) {
                 Ok(result) => Dispatched::Value(result),
                 Err(rejection) => Dispatched::Done(Err(rejection)),
             },
-            Some(Function::Async(f)) => Dispatched::Future(f(ctx(), params)),
+            Some(Function::Async(f)) => Dispatched::Future(f(ctx(), Payload::from_cow(params))),
             None => Dispatched::Done(Err(not_found(name))),
         }
     }
@@ -469,7 +474,7 @@ mod tests {
             ),
         ]));
         assert_eq!(
-            decode_params::<N>(&p).unwrap(),
+            decode_params::<N>(p.as_bytes()).unwrap(),
             N {
                 n: 1 << 40,
                 list: vec![-3, 4]
@@ -480,7 +485,7 @@ mod tests {
             (Value::from("list"), Value::Array(vec![])),
         ]));
         assert_eq!(
-            decode_params::<N>(&frac).unwrap_err().kind,
+            decode_params::<N>(frac.as_bytes()).unwrap_err().kind,
             ErrorType::InvalidParams
         );
     }
@@ -508,7 +513,7 @@ mod tests {
                 let variants = [b"\x81\xa4Node".repeat(100_000), b"\xa4Leaf".to_vec()].concat();
                 let arrays = [vec![0x91; 100_000], vec![0xc0]].concat();
                 for (name, bytes) in [("nest", &variants), ("value", &arrays), ("raw", &arrays)] {
-                    let params = Payload::from_encoded(bytes.clone());
+                    let params = Cow::Borrowed(&bytes[..]);
                     let mut out = Vec::new();
                     // Synchronous functions take no context.
                     let ctx = || -> Context { unreachable!() };

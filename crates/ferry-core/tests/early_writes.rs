@@ -48,7 +48,7 @@ fn silent_peer(listener: std::os::unix::net::UnixListener, seen: Arc<Seen>) {
                 break;
             }
             let in_order = matches!(
-                decode(&body.into()),
+                decode(&body),
                 Ok(Message::RpcCall { request_id: RequestId::Int(id), .. }) if id == next
             );
             next += 1;

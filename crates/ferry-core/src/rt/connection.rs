@@ -1,4 +1,5 @@
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
@@ -28,7 +29,8 @@ use crate::engine::{
     InvokeOutcome, InvokeReply,
 };
 use crate::error::{Error, ErrorType, Result};
-use crate::message::{codes, ByteString, Payload, RequestId};
+use crate::frame::{FrameDecoder, Frames};
+use crate::message::{codes, Payload, RequestId};
 use crate::router::{Context, Dispatched, HttpResponse, Router};
 
 /// The engine's token for one of our pending calls: its slot in [`State::replies`].
@@ -752,7 +754,7 @@ async fn read_loop(shared: Arc<Shared>) {
         }
         Io::Threads { .. } => return,
     };
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut input = FrameDecoder::new(shared.state.lock().engine.config().max_frame);
     let mut scratch = Scratch::default();
     // No polling before the first read: the connection has had nothing to do yet.
     let mut busy = false;
@@ -778,14 +780,15 @@ async fn read_loop(shared: Arc<Shared>) {
             Ok(guard) => guard,
             Err(e) => break format!("read failed: {e}"),
         };
-        let n = match read_drained(&mut ready, &mut buf) {
-            Ok(0) => break hung_up(&shared),
+        let n = match read_drained(&mut ready, input.spare(READ_ROOM)) {
+            Ok(0) => break hung_up(&input),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => break format!("read failed: {e}"),
         };
-        if let Some(fatal) = on_input(&shared, &buf[..n], &mut scratch) {
+        input.filled(n);
+        if let Some(fatal) = on_input(&shared, &mut input, &mut scratch) {
             break fatal;
         }
     };
@@ -815,9 +818,8 @@ fn yield_cpu() {
 }
 
 /// Why the connection ended when the peer hung up.
-fn hung_up(shared: &Shared) -> String {
-    let mid = shared.state.lock().engine.buffered_input() > 0;
-    if mid {
+fn hung_up(input: &FrameDecoder) -> String {
+    if input.buffered() > 0 {
         "peer closed the connection in the middle of a frame"
     } else {
         "peer closed the connection"
@@ -847,27 +849,74 @@ fn read_drained(
     }
 }
 
-/// Feeds bytes to the engine and acts on its events. Returns a reason when the connection
-/// must end.
-fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<String> {
+/// The least room a read gets (more when a frame's start says it needs more).
+const READ_ROOM: usize = 16 * 1024;
+
+/// A call from the peer, borrowed from the frame it came in until it has run.
+type IncomingCall<'a> = (RequestId, Cow<'a, str>, Cow<'a, [u8]>);
+
+/// An emptied vector of borrowed items, ready for items of another lifetime: the same
+/// allocation, reused (collecting into the vector an iterator of it reuses its memory).
+fn recycle<A, B>(mut v: Vec<A>) -> Vec<B> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
+}
+
+/// Acts on the frames read so far and drops them from `input`. Returns a reason when the
+/// connection must end.
+fn on_input(
+    shared: &Arc<Shared>,
+    input: &mut FrameDecoder,
+    scratch: &mut Scratch,
+) -> Option<String> {
+    let consumed;
+    let fatal;
+    {
+        let frames = input.frames();
+        (consumed, fatal) = on_frames(shared, frames, scratch);
+    }
+    input.consume(consumed);
+    fatal
+}
+
+/// [`on_input`] over the frames of one read: the frames' bytes stay in the reader's buffer
+/// while the calls they carry run, so names and params are never copied. Returns how many
+/// bytes of frames were handled, and a reason when the connection must end.
+fn on_frames(
+    shared: &Arc<Shared>,
+    mut frames: Frames<'_>,
+    scratch: &mut Scratch,
+) -> (usize, Option<String>) {
     let Scratch {
         wakers,
-        calls,
-        ran,
+        calls: call_storage,
+        ran: ran_storage,
         results,
         pending,
     } = scratch;
+    let mut calls: Vec<IncomingCall<'_>> = recycle(std::mem::take(call_storage));
+    let mut ran: Vec<(RequestId, Cow<'_, str>, Ran)> = recycle(std::mem::take(ran_storage));
     let mut fatal = None;
     {
         let mut st = shared.state.lock();
         if st.engine.is_closed() {
             // Bytes read just before close(): start no more work.
-            return None;
+            return (frames.consumed(), None);
         }
-        st.engine.feed(data);
-        while let Some(ev) = st.engine.poll_event() {
+        for frame in frames.by_ref() {
+            let ev = match frame {
+                Ok(body) => match st.engine.on_frame(body) {
+                    Some(ev) => ev,
+                    None => continue,
+                },
+                Err(e) => st.engine.frame_too_large(e),
+            };
             match ev {
-                Event::Settled { token, result } => wakers.extend(st.fill(token, result)),
+                Event::Settled { token, result } => {
+                    wakers.extend(st.fill(token, result.map(Payload::from_cow)))
+                }
                 Event::Call {
                     request_id,
                     function_name,
@@ -882,7 +931,9 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
                     }
                     calls.push((request_id, function_name, params));
                 }
-                Event::Invoke { reply, request } => spawn_invoke(shared, reply, request),
+                Event::Invoke { reply, request } => {
+                    spawn_invoke(shared, reply, Payload::from_cow(request))
+                }
                 Event::Cancel { request_id } => {
                     if let Some(h) = st.running.remove(&request_id) {
                         h.abort();
@@ -916,7 +967,7 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
                 Ran::Encoded(range) => st.engine.respond(&rid, Ok(&results[range])),
                 Ran::Value(result) => st.engine.respond(&rid, Ok(result.as_bytes())),
                 Ran::Done(outcome) => respond_call(&mut st.engine, &rid, &name, outcome),
-                Ran::Pending(fut, token) => pending.push((rid, name, fut, token)),
+                Ran::Pending(fut, token) => pending.push((rid, name.into_owned(), fut, token)),
             }
         }
         // Answers produced inline go out now, from this task: no hand-off to the writer.
@@ -927,17 +978,20 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
     if results.capacity() > 1 << 20 {
         *results = Vec::new();
     }
+    *call_storage = recycle(calls);
+    *ran_storage = recycle(ran);
     // Spawned without the lock: spawning onto a runtime that is shutting down drops the
     // future at once, and dropping a future may take the lock (a call it made cancels itself).
     for (rid, name, fut, token) in pending.drain(..) {
         spawn_call(shared, rid, name, fut, token);
     }
+    let consumed = frames.consumed();
     match flushed {
         Ok(true) => {}
         Ok(false) => shared.wake_writer(),
-        Err(e) => return Some(format!("write failed: {e}")),
+        Err(e) => return (consumed, Some(format!("write failed: {e}"))),
     }
-    fatal
+    (consumed, fatal)
 }
 
 /// The per-read lists of [`on_input`], kept by the reader so that reads do not allocate them.
@@ -945,14 +999,16 @@ fn on_input(shared: &Arc<Shared>, data: &[u8], scratch: &mut Scratch) -> Option<
 struct Scratch {
     /// The callers to wake: their calls were answered by this read.
     wakers: Vec<Waker>,
-    calls: Vec<(RequestId, ByteString, Payload)>,
-    ran: Vec<(RequestId, ByteString, Ran)>,
+    /// Always empty between reads: the memory of each read's calls (see [`recycle`]).
+    calls: Vec<IncomingCall<'static>>,
+    /// Likewise, the calls of a read once run.
+    ran: Vec<(RequestId, Cow<'static, str>, Ran)>,
     /// The encoded results of the synchronous functions run for one read.
     results: Vec<u8>,
     /// Calls of one read that continue on their own task.
     pending: Vec<(
         RequestId,
-        ByteString,
+        String,
         crate::router::CallFuture,
         TaskTrackerToken,
     )>,
@@ -980,7 +1036,7 @@ fn run_call(
     shared: &Arc<Shared>,
     request_id: &RequestId,
     name: &str,
-    params: Payload,
+    params: Cow<'_, [u8]>,
     results: &mut Vec<u8>,
 ) -> Ran {
     let start = results.len();
@@ -1034,7 +1090,7 @@ fn respond_call(
 fn spawn_call(
     shared: &Arc<Shared>,
     request_id: RequestId,
-    name: ByteString,
+    name: String,
     fut: crate::router::CallFuture,
     token: TaskTrackerToken,
 ) {
@@ -1311,11 +1367,11 @@ fn read_thread(shared: Arc<Shared>) {
     let Io::Threads { sock, .. } = &shared.io else {
         return;
     };
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut input = FrameDecoder::new(shared.state.lock().engine.config().max_frame);
     let mut scratch = Scratch::default();
     // As in `read_loop`: no polling before the first read.
     let mut busy = false;
-    // Whether the last read filled `buf`, so that more is likely waiting.
+    // Whether the last read filled the room it had, so that more is likely waiting.
     let mut full = false;
     let wait_in_poll = !runs_on_many_cpus();
     let lost = loop {
@@ -1345,17 +1401,19 @@ fn read_thread(shared: Arc<Shared>) {
         if !ready && wait_in_poll {
             wait_readable(sock.as_raw_fd());
         }
-        let n = match (&*sock).read(&mut buf) {
-            Ok(0) => break hung_up(&shared),
+        let room = input.spare(READ_ROOM);
+        let n = match (&*sock).read(room) {
+            Ok(0) => break hung_up(&input),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => break format!("read failed: {e}"),
         };
-        full = n == buf.len();
+        full = n == room.len();
+        input.filled(n);
         if shared.done.is_cancelled() {
             return;
         }
-        if let Some(fatal) = on_input(&shared, &buf[..n], &mut scratch) {
+        if let Some(fatal) = on_input(&shared, &mut input, &mut scratch) {
             break fatal;
         }
     };
