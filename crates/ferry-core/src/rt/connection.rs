@@ -40,8 +40,48 @@ type Reply = usize;
 /// allocates nothing to be answered (no channel per call), and everything about it, the
 /// engine's entry and this slot, changes under the state lock.
 struct Slot {
-    result: Option<Result<Payload>>,
+    result: Option<Result<Answered>>,
     waker: Option<Waker>,
+}
+
+/// Results up to this many bytes are kept in the caller's slot itself.
+const INLINE_RESULT: usize = 54;
+
+/// A call's result as it waits for its caller, copied out of the read buffer: small ones
+/// (most) inline, so that answering a call allocates nothing.
+enum Answered {
+    Inline { len: u8, bytes: [u8; INLINE_RESULT] },
+    Heap(Payload),
+}
+
+impl Answered {
+    fn new(value: Cow<'_, [u8]>) -> Answered {
+        match value {
+            Cow::Borrowed(b) if b.len() <= INLINE_RESULT => {
+                let mut bytes = [0; INLINE_RESULT];
+                bytes[..b.len()].copy_from_slice(b);
+                Answered::Inline {
+                    len: b.len() as u8,
+                    bytes,
+                }
+            }
+            value => Answered::Heap(Payload::from_cow(value)),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Answered::Inline { len, bytes } => &bytes[..*len as usize],
+            Answered::Heap(p) => p.as_bytes(),
+        }
+    }
+
+    fn into_payload(self) -> Payload {
+        match self {
+            Answered::Inline { .. } => Payload::from_cow(Cow::Borrowed(self.as_bytes())),
+            Answered::Heap(p) => p,
+        }
+    }
 }
 
 /// Settings of one connection.
@@ -165,7 +205,7 @@ struct State {
 impl State {
     /// Stores the outcome of the call whose token is `slot`; returns the caller's waker, to
     /// be woken once the lock is released.
-    fn fill(&mut self, slot: Reply, result: Result<Payload>) -> Option<Waker> {
+    fn fill(&mut self, slot: Reply, result: Result<Answered>) -> Option<Waker> {
         let s = self
             .replies
             .get_mut(slot)
@@ -350,7 +390,7 @@ impl Connection {
             })
         })?;
         let result = answer.await?;
-        result.decode().map_err(|e| Error::Decode(e.to_string()))
+        crate::fast_de::from_slice(result.as_bytes()).map_err(|e| Error::Decode(e.to_string()))
     }
 
     /// Calls with params already encoded as one MessagePack value; returns the raw result.
@@ -362,10 +402,10 @@ impl Connection {
         options: CallOptions,
     ) -> Result<Payload> {
         let waker = current_waker().await;
-        self.start(options, waker, |engine, deadline, slot| {
+        let answer = self.start(options, waker, |engine, deadline, slot| {
             engine.call(name, params, deadline, slot)
-        })?
-        .await
+        })?;
+        answer.await.map(Answered::into_payload)
     }
 
     /// Invokes the peer's route handler `handler_id` with an HTTP-like request (such as
@@ -381,7 +421,7 @@ impl Connection {
             engine.invoke(handler_id, request.as_bytes(), deadline, slot)
         })?;
         let result = answer.await?;
-        result.decode().map_err(|e| Error::Decode(e.to_string()))
+        crate::fast_de::from_slice(result.as_bytes()).map_err(|e| Error::Decode(e.to_string()))
     }
 
     /// Registers a call with the engine (its frame queued, the writer woken). Its deadline is
@@ -512,7 +552,7 @@ enum AnswerState {
 }
 
 impl Future for Answer<'_> {
-    type Output = Result<Payload>;
+    type Output = Result<Answered>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         match self.state {
@@ -915,7 +955,7 @@ fn on_frames(
             };
             match ev {
                 Event::Settled { token, result } => {
-                    wakers.extend(st.fill(token, result.map(Payload::from_cow)))
+                    wakers.extend(st.fill(token, result.map(Answered::new)))
                 }
                 Event::Call {
                     request_id,
@@ -1496,4 +1536,35 @@ fn write_thread(shared: Arc<Shared>) {
     drop(st);
     let _ = sock.shutdown(std::net::Shutdown::Both);
     shared.flushed.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_up_to_the_inline_size_are_kept_inline_and_read_back_whole() {
+        for len in [
+            0,
+            1,
+            INLINE_RESULT - 1,
+            INLINE_RESULT,
+            INLINE_RESULT + 1,
+            4096,
+        ] {
+            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let a = Answered::new(Cow::Borrowed(&bytes));
+            assert_eq!(
+                matches!(a, Answered::Inline { .. }),
+                len <= INLINE_RESULT,
+                "{len}"
+            );
+            assert_eq!(a.as_bytes(), &bytes[..]);
+            assert_eq!(a.into_payload().as_bytes(), &bytes[..]);
+        }
+        // A value the engine built is taken over as it is.
+        let owned = Answered::new(Cow::Owned(vec![1, 2, 3]));
+        assert!(matches!(owned, Answered::Heap(_)));
+        assert_eq!(owned.as_bytes(), [1, 2, 3]);
+    }
 }
