@@ -813,14 +813,17 @@ impl<T> Engine<T> {
 
     /// Acts on a length prefix over the limit (reported by the
     /// [`FrameDecoder`](crate::frame::FrameDecoder)): queues a `FRAME_TOO_LARGE` error frame
-    /// for the peer and returns the [`Event::Fatal`] to act on; later frames are ignored.
+    /// for the peer (once) and returns the [`Event::Fatal`] to act on; later frames are
+    /// ignored.
     pub fn frame_too_large(&mut self, e: OversizedFrame) -> Event<'static, T> {
-        self.failed = true;
         let msg = format!(
             "frame of {} bytes exceeds the limit of {} bytes",
             e.len, e.max
         );
-        self.error_frame(codes::FRAME_TOO_LARGE, &msg, 413, None);
+        // Told once, even if a driver reports the same prefix again.
+        if !std::mem::replace(&mut self.failed, true) {
+            self.error_frame(codes::FRAME_TOO_LARGE, &msg, 413, None);
+        }
         Event::Fatal(Error::FrameTooLarge {
             len: e.len,
             max: e.max,
@@ -1411,6 +1414,11 @@ mod tests {
         ));
         assert!(e.poll_event().is_none());
         assert!(e.has_output());
+        // A driver that reports the same prefix again gets the event, not a second frame.
+        let queued = e.output_len();
+        let again = e.frame_too_large(OversizedFrame { len: 100, max: 8 });
+        assert!(matches!(again, Event::Fatal(Error::FrameTooLarge { .. })));
+        assert_eq!(e.output_len(), queued);
         let big = vec![0xc0; 9];
         let Err((Error::FrameTooLarge { .. }, ())) = e.call("f", &big, None, ()) else {
             panic!()

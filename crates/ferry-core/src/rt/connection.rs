@@ -917,18 +917,20 @@ fn on_input(
         let frames = input.frames();
         (consumed, fatal) = on_frames(shared, frames, scratch);
     }
-    input.consume(consumed);
+    // `None`: the connection is closed; what was read is dropped unread.
+    input.consume(consumed.unwrap_or(input.buffered()));
     fatal
 }
 
 /// [`on_input`] over the frames of one read: the frames' bytes stay in the reader's buffer
 /// while the calls they carry run, so names and params are never copied. Returns how many
-/// bytes of frames were handled, and a reason when the connection must end.
+/// bytes of frames were handled (`None` when the connection is closed: drop them all), and a
+/// reason when the connection must end.
 fn on_frames(
     shared: &Arc<Shared>,
     mut frames: Frames<'_>,
     scratch: &mut Scratch,
-) -> (usize, Option<String>) {
+) -> (Option<usize>, Option<String>) {
     let Scratch {
         wakers,
         calls: call_storage,
@@ -943,7 +945,7 @@ fn on_frames(
         let mut st = shared.state.lock();
         if st.engine.is_closed() {
             // Bytes read just before close(): start no more work.
-            return (frames.consumed(), None);
+            return (None, None);
         }
         for frame in frames.by_ref() {
             let ev = match frame {
@@ -1025,7 +1027,7 @@ fn on_frames(
     for (rid, name, fut, token) in pending.drain(..) {
         spawn_call(shared, rid, name, fut, token);
     }
-    let consumed = frames.consumed();
+    let consumed = Some(frames.consumed());
     match flushed {
         Ok(true) => {}
         Ok(false) => shared.wake_writer(),
