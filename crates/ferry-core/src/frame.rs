@@ -14,8 +14,10 @@ pub const HEADER_LEN: usize = 4;
 /// The decoder's buffer once it first holds anything, and its least room for a read.
 const MIN_BUFFER: usize = 64 * 1024;
 
-/// An empty buffer larger than this is given back (a huge frame's room is not kept).
-const KEEP_BUFFER: usize = 4 * 1024 * 1024;
+/// An empty buffer larger than this is given back (a huge frame's room is not kept). Above
+/// twice the Node addon's read budget per poll (4 MiB), so that bulk traffic, which fills
+/// the buffer with several frames before they are handled, does not regrow it every time.
+const KEEP_BUFFER: usize = 16 * 1024 * 1024;
 
 /// A length prefix announced a body above the limit. The stream cannot be trusted past this
 /// point (the prefix may be garbage), so the connection should be closed after reporting it.
@@ -55,9 +57,10 @@ impl FrameDecoder {
         self.filled(data.len());
     }
 
-    /// Room to read into, after the bytes buffered: at least `min` bytes (at least 64 KiB,
-    /// and the whole rest of a frame whose start is buffered, so that one read can complete
-    /// it). Report how many bytes were written at its start with [`FrameDecoder::filled`].
+    /// Room to read into, after the bytes buffered: at least `min` bytes, and the whole rest
+    /// of a frame whose start is buffered, so that one read can complete it (the buffer is
+    /// 64 KiB at least). Report how many bytes were written at its start with
+    /// [`FrameDecoder::filled`].
     pub fn spare(&mut self, min: usize) -> &mut [u8] {
         let need = min.max(self.rest_of_frame());
         if self.buf.len() - self.end < need {
