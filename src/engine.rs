@@ -420,12 +420,8 @@ impl NativeEngine {
         items.clear();
         let mut frames = self.input.frames();
         for frame in frames.by_ref() {
-            let ev = match frame {
-                Ok(body) => match self.engine.on_frame(body) {
-                    Some(ev) => ev,
-                    None => continue,
-                },
-                Err(e) => self.engine.frame_too_large(e),
+            let Some(ev) = self.engine.on_decoded(frame) else {
+                continue;
             };
             match ev {
                 Event::Settled {

@@ -811,6 +811,18 @@ impl<T> Engine<T> {
         }
     }
 
+    /// Acts on one item of [`Frames`](crate::frame::Frames): a body goes to
+    /// [`Engine::on_frame`], a length prefix over the limit to [`Engine::frame_too_large`].
+    pub fn on_decoded<'a>(
+        &mut self,
+        frame: Result<&'a [u8], OversizedFrame>,
+    ) -> Option<Event<'a, T>> {
+        match frame {
+            Ok(body) => self.on_frame(body),
+            Err(e) => Some(self.frame_too_large(e)),
+        }
+    }
+
     /// Acts on a length prefix over the limit (reported by the
     /// [`FrameDecoder`](crate::frame::FrameDecoder)): queues a `FRAME_TOO_LARGE` error frame
     /// for the peer (once) and returns the [`Event::Fatal`] to act on; later frames are
@@ -1083,10 +1095,7 @@ mod tests {
             while !self.stopped {
                 let (ev, n) = {
                     let mut frames = self.d.frames();
-                    let ev = match frames.next()? {
-                        Ok(body) => self.e.on_frame(body).map(owned),
-                        Err(e) => Some(self.e.frame_too_large(e)),
-                    };
+                    let ev = self.e.on_decoded(frames.next()?).map(owned);
                     (ev, frames.consumed())
                 };
                 self.d.consume(n);

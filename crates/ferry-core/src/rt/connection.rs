@@ -948,12 +948,8 @@ fn on_frames(
             return (None, None);
         }
         for frame in frames.by_ref() {
-            let ev = match frame {
-                Ok(body) => match st.engine.on_frame(body) {
-                    Some(ev) => ev,
-                    None => continue,
-                },
-                Err(e) => st.engine.frame_too_large(e),
+            let Some(ev) = st.engine.on_decoded(frame) else {
+                continue;
             };
             match ev {
                 Event::Settled { token, result } => {
