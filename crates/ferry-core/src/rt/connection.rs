@@ -1541,6 +1541,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn recycling_a_vector_keeps_its_memory() {
+        let text = String::from("a read buffer");
+        let mut v: Vec<(u64, &str)> = Vec::with_capacity(64);
+        v.push((1, &text));
+        let (ptr, cap) = (v.as_ptr() as usize, v.capacity());
+        let again: Vec<(u64, &'static str)> = recycle(v);
+        assert!(again.is_empty());
+        assert_eq!((again.as_ptr() as usize, again.capacity()), (ptr, cap));
+    }
+
+    #[test]
     fn results_up_to_the_inline_size_are_kept_inline_and_read_back_whole() {
         for len in [
             0,
