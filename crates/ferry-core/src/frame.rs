@@ -65,7 +65,11 @@ impl FrameDecoder {
         let need = min.max(self.rest_of_frame());
         if self.buf.len() - self.end < need {
             let kept = self.end - self.start;
-            if kept + need <= self.buf.len() {
+            let fits = kept + need <= self.buf.len();
+            // A huge frame's room is given back here too, for a stream whose reads keep
+            // ending mid-frame (so the buffer never empties).
+            let oversized = self.buf.len() > KEEP_BUFFER && kept + need <= KEEP_BUFFER / 2;
+            if fits && !oversized {
                 self.buf.copy_within(self.start..self.end, 0);
             } else {
                 // A fresh zeroed allocation rather than a resize: large ones come from the
@@ -293,6 +297,38 @@ mod tests {
         assert!(d.buf.is_empty());
         d.extend(&framed(&[b"x"]));
         assert_eq!(d.buf.len(), MIN_BUFFER);
+    }
+
+    #[test]
+    fn a_huge_buffer_is_given_back_even_if_it_never_empties() {
+        let small: Vec<Vec<u8>> = (0..40_000u32).map(|i| vec![i as u8; 1000]).collect();
+        let huge = vec![9u8; 2 * KEEP_BUFFER];
+        let mut bodies: Vec<&[u8]> = vec![&huge];
+        bodies.extend(small.iter().map(|b| &b[..]));
+        let stream = framed(&bodies);
+        let mut d = FrameDecoder::new(usize::MAX);
+        let mut got = 0;
+        let mut largest = 0;
+        // The huge frame, then reads that each end 2 bytes into the next frame.
+        let first = HEADER_LEN + huge.len() + 2;
+        d.extend(&stream[..first]);
+        for (i, body) in take(&mut d).into_iter().enumerate() {
+            assert_eq!(body, bodies[i]);
+            got += 1;
+        }
+        largest = largest.max(d.buf.len());
+        // All but the last 2 bytes: the stream ends mid-frame too.
+        for chunk in stream[first..stream.len() - 2].chunks(HEADER_LEN + 1000) {
+            d.extend(chunk);
+            for body in take(&mut d) {
+                assert_eq!(body, bodies[got]);
+                got += 1;
+            }
+        }
+        assert_eq!(got, bodies.len() - 1);
+        assert_eq!(d.buffered(), HEADER_LEN + 1000 - 2);
+        assert!(largest > 2 * KEEP_BUFFER);
+        assert!(d.buf.len() <= KEEP_BUFFER, "kept {} bytes", d.buf.len());
     }
 
     #[test]
