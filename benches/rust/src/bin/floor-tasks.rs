@@ -103,7 +103,9 @@ impl Client {
             }
             let mut st = self.state.lock().unwrap();
             let st = &mut *st;
-            let s = st.slots[slot].as_mut().expect("a call's slot lives until it ends");
+            let s = st.slots[slot]
+                .as_mut()
+                .expect("a call's slot lives until it ends");
             if s.answered {
                 st.slots[slot] = None;
                 st.free.push(slot);
@@ -185,7 +187,10 @@ async fn connect(path: &str, frame: Vec<u8>) -> Result<Arc<Client>, String> {
 }
 
 /// `inflight` lanes calling one after another; counts the calls answered in the window.
-async fn lanes(client: Arc<Client>, args: &ClientArgs) -> Result<(u64, std::time::Duration), String> {
+async fn lanes(
+    client: Arc<Client>,
+    args: &ClientArgs,
+) -> Result<(u64, std::time::Duration), String> {
     let count = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..args.inflight)
         .map(|_| {
