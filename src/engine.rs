@@ -418,6 +418,10 @@ impl NativeEngine {
         batch.extend_from_slice(&[0xdd, 0, 0, 0, 0][..BATCH_HEADER]);
         let mut items = std::mem::take(&mut self.items);
         items.clear();
+        // The results of this read take at most the bytes read (each frame's envelope is
+        // larger than the id written in its stead): room for all of them is made at the first,
+        // so that a batch of large results is not copied again each time it grows.
+        let room = self.input.buffered();
         let mut frames = self.input.frames();
         for frame in frames.by_ref() {
             let Some(ev) = self.engine.on_decoded(frame) else {
@@ -428,6 +432,9 @@ impl NativeEngine {
                     token,
                     result: Ok(value),
                 } => {
+                    if items.is_empty() {
+                        batch.reserve(room);
+                    }
                     rmp::encode::write_uint(&mut batch, token).expect("Vec write");
                     batch.extend_from_slice(&value);
                     items.push((token, batch.len()));
