@@ -32,6 +32,10 @@ const NIL = Buffer.from([0xc0])
 // How many function names a client keeps by id (see `_names`); calls of further names pass
 // their name as a string, so a program that makes up names cannot grow this without bound.
 const MAX_INTERNED_NAMES = 1024
+// Buffers (and other Uint8Arrays) of this many bytes or more passed as a call's params go to
+// Rust as they are, which writes them as the MessagePack bin msgpackr would make (one copy
+// fewer); smaller ones are packed like any value.
+const BIN_DIRECT = 1024
 const pack = (value) => (value === undefined ? NIL : packr.pack(value))
 // A call's params are packed into msgpackr's own buffer, returned whole with the bytes at
 // [start, end), and the next pack reuses the space: no Buffer is made per call. Valid only
@@ -184,6 +188,7 @@ class RpcConnection {
     const fast = this._native.fastFunctions()
     this._fastCall = fast.call
     this._fastCallNamed = fast.callNamed
+    this._fastCallBinNamed = fast.callBinNamed
     this._fastReply = fast.reply
     // Function names the engine keeps, by the id it gave each: a call by id does not copy its
     // name out of the string (about 5% of calls/s with many small calls in flight).
@@ -259,6 +264,17 @@ class RpcConnection {
     return this._request(false, String(handlerId), request ?? {}, 'request', options)
   }
 
+  /** The id the engine keeps `name` under (interned at its first call), or undefined once
+   * MAX_INTERNED_NAMES are kept. */
+  _nameId(name) {
+    let nameId = this._names.get(name)
+    if (nameId === undefined && this._names.size < MAX_INTERNED_NAMES) {
+      nameId = this._native.internName(name)
+      this._names.set(name, nameId)
+    }
+    return nameId
+  }
+
   _request(isCall, name, value, what, options) {
     const signal = options?.signal
     if (signal?.aborted) {
@@ -274,26 +290,28 @@ class RpcConnection {
       // A deadline already in the past (a computed budget that ran out) fails at once.
       return Promise.reject(new RpcError(`call timed out: timeoutMs is ${timeoutMs}`, 'ERR_FERRY_TIMEOUT'))
     }
-    // Packed last: the bytes are only valid until the next pack (user code, such as a getter
-    // of `options`, could pack in between).
-    let packed
-    try {
-      packed = packInPlace(value)
-    } catch (e) {
-      return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
-    }
+    const nameId = isCall ? this._nameId(name) : undefined
     let id
-    if (isCall) {
-      let nameId = this._names.get(name)
-      if (nameId === undefined && this._names.size < MAX_INTERNED_NAMES) {
-        nameId = this._native.internName(name)
-        this._names.set(name, nameId)
-      }
-      id = nameId === undefined
-        ? this._fastCall(name, packed, packed.start, packed.end, timeoutMs)
-        : this._fastCallNamed(nameId, packed, packed.start, packed.end, timeoutMs)
+    if (nameId !== undefined && value instanceof Uint8Array && value.length >= BIN_DIRECT) {
+      // A large Buffer (or other Uint8Array) as the params: Rust writes the MessagePack bin
+      // msgpackr would make of it, copying the bytes once, straight into the frame.
+      id = this._fastCallBinNamed(nameId, value, 0, value.length, timeoutMs)
     } else {
-      id = this._native.invoke(name, packed.subarray(packed.start, packed.end), timeoutMs)
+      // Packed last: the bytes are only valid until the next pack (user code, such as a
+      // getter of `options`, could pack in between).
+      let packed
+      try {
+        packed = packInPlace(value)
+      } catch (e) {
+        return Promise.reject(new RpcError(`could not encode ${what}: ${handlerErrorMessage(e)}`, 'ERR_FERRY_ENCODE'))
+      }
+      if (!isCall) {
+        id = this._native.invoke(name, packed.subarray(packed.start, packed.end), timeoutMs)
+      } else if (nameId === undefined) {
+        id = this._fastCall(name, packed, packed.start, packed.end, timeoutMs)
+      } else {
+        id = this._fastCallNamed(nameId, packed, packed.start, packed.end, timeoutMs)
+      }
     }
     if (id === 0) return Promise.reject(this._native.takeError())
     // A negated id: this call's deadline comes before the one the timer is armed for (the

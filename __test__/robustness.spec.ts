@@ -7,6 +7,7 @@ import test from 'ava'
 
 import { RpcClient, RpcError, RpcServer, closeRpcClient, initRpcClient, pack, rpc } from '../index.js'
 import { startWorker, tempDir, type Worker } from './helpers'
+import { until } from './wire'
 
 let worker: Worker
 let client: RpcClient
@@ -129,13 +130,19 @@ test('RpcServer.listen works near the socket path limit and refuses paths beyond
 type Fast = {
   call: (...args: unknown[]) => number
   callNamed: (...args: unknown[]) => number
+  callBinNamed: (...args: unknown[]) => number
   reply: (...args: unknown[]) => void
 }
 
 /** The raw entry points of `c`'s engine (see src/fast.rs). */
 function fastOf(c: RpcClient): Fast {
-  const r = c as unknown as { _fastCall: Fast['call']; _fastCallNamed: Fast['callNamed']; _fastReply: Fast['reply'] }
-  return { call: r._fastCall, callNamed: r._fastCallNamed, reply: r._fastReply }
+  const r = c as unknown as {
+    _fastCall: Fast['call']
+    _fastCallNamed: Fast['callNamed']
+    _fastCallBinNamed: Fast['callBinNamed']
+    _fastReply: Fast['reply']
+  }
+  return { call: r._fastCall, callNamed: r._fastCallNamed, callBinNamed: r._fastCallBinNamed, reply: r._fastReply }
 }
 
 test('the raw entry points refuse too few arguments and arguments of the wrong type', async (t) => {
@@ -144,6 +151,11 @@ test('the raw entry points refuse too few arguments and arguments of the wrong t
   const before = client.pendingCalls
   t.throws(() => fast.call('add', params, 0, params.length), { instanceOf: TypeError, message: /call\(name/ })
   t.throws(() => fast.callNamed(0, params), { instanceOf: TypeError, message: /callNamed\(nameId/ })
+  t.throws(() => fast.callBinNamed(0, params), { instanceOf: TypeError, message: /callBinNamed\(nameId/ })
+  for (const buffer of ['abc', null, {}, [1, 2]]) {
+    t.throws(() => fast.callBinNamed(0, buffer, 0, 1, 0), { instanceOf: TypeError, message: /must be a Buffer/ })
+  }
+  t.throws(() => fast.callBinNamed(0, params, 0, params.length + 1, 0), { instanceOf: TypeError, message: /start and end/ })
   t.throws(() => fast.reply(), { instanceOf: TypeError, message: /reply\(token/ })
   for (const name of [42, null, {}, Symbol('add')]) {
     t.throws(() => fast.call(name, params, 0, params.length, 0), { instanceOf: TypeError, message: /name must be a string/ })
@@ -240,8 +252,10 @@ test('the raw callNamed refuses a name id its engine did not give', async (t) =>
   const { callNamed } = fastOf(other)
   // Another client's engine gave id 0 (its first call), not this one.
   t.is(await client.call('add', { a: 1, b: 2 }), 3)
+  const { callBinNamed } = fastOf(other)
   for (const id of [0, 1, 4096, 2 ** 32 - 1]) {
     t.throws(() => callNamed(id, Buffer.from([0xc0]), 0, 1, 0), { message: /unknown nameId/ }, `${id}`)
+    t.throws(() => callBinNamed(id, Buffer.alloc(2048), 0, 2048, 0), { message: /unknown nameId/ }, `${id}`)
   }
   t.throws(() => callNamed('add', Buffer.from([0xc0]), 0, 1, 0), { instanceOf: TypeError })
   t.is(other.pendingCalls, 0)
@@ -374,4 +388,75 @@ test('answers that arrived before the peer reset the connection still settle the
   t.is(await first, 'on time')
   t.is((await t.throwsAsync(second, { instanceOf: RpcError }))!.code, 'ERR_FERRY_CONNECTION_LOST')
   t.true(c.closed)
+})
+
+// Large Buffers (and other Uint8Arrays) passed as params skip msgpackr: Rust writes the bin
+// itself. What reaches the peer must be the very bytes msgpackr would have written.
+const BIN_SIZES = [1023, 1024, 65535, 65536, 200_000]
+
+test('large binary params reach the peer exactly as msgpackr encodes them, views and Uint8Arrays included', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const path = join(dir, 'bins.sock')
+  const bodies: Buffer[] = []
+  const sockets: Socket[] = []
+  const capture = createServer((s) => {
+    sockets.push(s)
+    let buf = Buffer.alloc(0)
+    s.on('data', (d) => {
+      buf = Buffer.concat([buf, d])
+      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
+        const len = buf.readUInt32BE(0)
+        bodies.push(buf.subarray(4, 4 + len))
+        buf = buf.subarray(4 + len)
+      }
+    })
+  })
+  await new Promise<void>((r) => capture.listen(path, r))
+  t.teardown(() => {
+    sockets.forEach((s) => s.destroy())
+    capture.close()
+  })
+  const c = await RpcClient.connect(path)
+  const pattern = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + n) % 256))
+  const backing = pattern(70_000)
+  const values: Uint8Array[] = [
+    ...BIN_SIZES.map(pattern),
+    new Uint8Array(pattern(4096)),
+    // Views into a larger buffer: only the view's bytes go.
+    backing.subarray(1000, 6000),
+    new Uint8Array(backing.buffer, backing.byteOffset + 3, 2048),
+  ]
+  values.forEach((v, i) => c.call(`bin${i}`, v).catch(() => {}))
+  // Each call's frame arrives in order.
+  await until(() => bodies.length >= values.length, 'every call to reach the peer')
+  t.is(bodies.length, values.length)
+  values.forEach((v, i) => {
+    const expected = Buffer.concat([Buffer.from('a6706172616d73', 'hex'), pack(v), Buffer.from('aa726571756573745f6964', 'hex')])
+    t.true(bodies[i].includes(expected), `call ${i} (${v.length} bytes): params as msgpackr packs them`)
+    t.true(bodies[i].includes(Buffer.from(`bin${i}`)), `call ${i} under its own name`)
+  })
+  await c.close()
+})
+
+test('large binary params of every header size echo back whole from the worker', async (t) => {
+  for (const n of [...BIN_SIZES, 1 << 20]) {
+    const v = Buffer.alloc(n)
+    for (let i = 0; i < n; i += 997) v[i] = i % 251
+    const back = (await client.call('echo', v)) as Buffer
+    t.true(Buffer.isBuffer(back) && back.equals(v), `${n} bytes`)
+  }
+  // A Uint8Array view, not a Buffer: its bytes only.
+  const backing = Buffer.alloc(10_000, 9)
+  backing.fill(3, 100, 5100)
+  const back = (await client.call('echo', new Uint8Array(backing.buffer, backing.byteOffset + 100, 5000))) as Buffer
+  t.true(back.equals(Buffer.alloc(5000, 3)))
+})
+
+test('a binary param over the frame limit is refused before sending, and the client goes on', async (t) => {
+  const small = await RpcClient.connect(worker.socket, { maxFrameBytes: 4096 })
+  t.teardown(() => small.close())
+  const e = await t.throwsAsync(small.call('echo', Buffer.alloc(8192)), { instanceOf: RpcError })
+  t.is(e?.code, 'ERR_FERRY_FRAME_TOO_LARGE')
+  t.true((await small.call('echo', Buffer.alloc(2000, 1)) as Buffer).equals(Buffer.alloc(2000, 1)))
 })

@@ -341,6 +341,33 @@ impl NativeEngine {
         Some(self.call_queued(r, deadline))
     }
 
+    /// `call_interned` with the params a MessagePack `bin` of `bytes` (a Buffer or Uint8Array
+    /// passed as the params, which msgpackr would encode the same way): the bytes are copied
+    /// once, straight into the frame, instead of packed by msgpackr and copied again.
+    pub(crate) fn call_interned_bin(
+        &mut self,
+        name_id: u32,
+        bytes: &[u8],
+        timeout_ms: f64,
+    ) -> Option<f64> {
+        let name_id = name_id as usize;
+        if name_id >= self.names.len() {
+            return None;
+        }
+        let mut head = [0u8; 5];
+        let Some(head) = ferry_core::message::bin_header(bytes.len(), &mut head) else {
+            return Some(self.queued(Err((
+                CoreError::Encode(format!("a binary of {} bytes is too long", bytes.len())),
+                0,
+            ))));
+        };
+        let deadline = Self::deadline(timeout_ms);
+        let r = self
+            .engine
+            .call_parts_with_id(&self.names[name_id], &[head, bytes], deadline);
+        Some(self.call_queued(r, deadline))
+    }
+
     fn call_queued(
         &mut self,
         r: std::result::Result<u64, (CoreError, u64)>,
@@ -352,13 +379,14 @@ impl NativeEngine {
         id
     }
 
-    /// This engine's raw entry points, `{call, callNamed, reply}`: `call(name, buffer, start,
-    /// end, timeoutMs)` is `call` with the params `buffer[start..end]` and without napi-rs's
-    /// per-call overhead, `callNamed(nameId, ...)` the same with a name `internName` kept, and
-    /// `reply(token, buffer, start, end)` is `reply` likewise (see src/fast.rs). Each function
-    /// keeps this engine alive.
+    /// This engine's raw entry points, `{call, callNamed, callBinNamed, reply}`: `call(name,
+    /// buffer, start, end, timeoutMs)` is `call` with the params `buffer[start..end]` and
+    /// without napi-rs's per-call overhead, `callNamed(nameId, ...)` the same with a name
+    /// `internName` kept, `callBinNamed(nameId, ...)` that with the params the MessagePack
+    /// `bin` of those bytes, and `reply(token, buffer, start, end)` is `reply` likewise (see
+    /// src/fast.rs). Each function keeps this engine alive.
     #[napi(
-        ts_return_type = "{ call: (name: string, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; reply: (token: number, buffer: Uint8Array, start: number, end: number) => void }"
+        ts_return_type = "{ call: (name: string, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callBinNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; reply: (token: number, buffer: Uint8Array, start: number, end: number) => void }"
     )]
     pub fn fast_functions(&mut self, env: Env, this: This) -> Result<RawValue> {
         // SAFETY: `this` wraps `self`, on the JS thread.

@@ -210,6 +210,38 @@ unsafe extern "C" fn fast_call_named(
     out
 }
 
+/// `callBinNamed(nameId, buffer, start, end, timeoutMs)`: `callNamed` with the params the
+/// MessagePack `bin` of `buffer[start..end]` (what msgpackr makes of a Uint8Array), written
+/// into the frame straight from the caller's bytes.
+unsafe extern "C" fn fast_call_bin_named(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+) -> sys::napi_value {
+    let Some((engine, argv)) = args::<5>(
+        env,
+        info,
+        "callBinNamed(nameId, buffer, start, end, timeoutMs)",
+    ) else {
+        return ptr::null_mut();
+    };
+    let mut name_id = 0u32;
+    if sys::napi_get_value_uint32(env, argv[0], &mut name_id) != sys::Status::napi_ok {
+        return throw(env, "callBinNamed: nameId must be a number");
+    }
+    let Some(bytes) = byte_range(env, &argv, 1, "callBinNamed") else {
+        return ptr::null_mut();
+    };
+    let mut timeout_ms = 0f64;
+    sys::napi_get_value_double(env, argv[4], &mut timeout_ms);
+
+    let Some(id) = engine.call_interned_bin(name_id, bytes, timeout_ms) else {
+        return throw(env, "callBinNamed: unknown nameId");
+    };
+    let mut out = ptr::null_mut();
+    sys::napi_create_double(env, id, &mut out);
+    out
+}
+
 /// The raw entry points of `engine`, whose JS object is `this`: an object with the functions
 /// `call`, `callNamed` and `reply` described above, each holding `this` in its read-only,
 /// non-configurable `engine` property.
@@ -222,9 +254,10 @@ pub(crate) unsafe fn fast_functions(
     engine: *mut NativeEngine,
 ) -> Result<sys::napi_value> {
     type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
-    let entries: [(&std::ffi::CStr, Callback); 3] = [
+    let entries: [(&std::ffi::CStr, Callback); 4] = [
         (c"call", fast_call),
         (c"callNamed", fast_call_named),
+        (c"callBinNamed", fast_call_bin_named),
         (c"reply", fast_reply),
     ];
     // Properties are defined, never set: a set would run any setter user code put on the

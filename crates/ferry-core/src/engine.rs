@@ -568,12 +568,26 @@ impl<T> Engine<T> {
         deadline: Option<Deadline>,
         token: T,
     ) -> Result<u64, (Error, T)> {
+        self.call_parts(function_name, &[params], deadline, token)
+    }
+
+    /// [`Engine::call`] with params given in pieces that together make one MessagePack value
+    /// (such as a `bin` header and the caller's bytes, which are then copied once, straight
+    /// into the frame). The pieces are not checked.
+    pub fn call_parts(
+        &mut self,
+        function_name: &str,
+        params: &[&[u8]],
+        deadline: Option<Deadline>,
+        token: T,
+    ) -> Result<u64, (Error, T)> {
         if let Some(e) = self.closed_error() {
             return Err((e, token));
         }
         let id = self.next_id;
         let rid = RequestId::Int(id);
-        if let Err(e) = self.frame(|out| message::encode_rpc_call(out, function_name, params, &rid))
+        if let Err(e) =
+            self.frame(|out| message::encode_rpc_call_parts(out, function_name, params, &rid))
         {
             return Err((e, token));
         }
@@ -595,6 +609,21 @@ impl<T> Engine<T> {
     {
         let id = self.next_id;
         self.call(function_name, params, deadline, T::from(id))
+            .map_err(|(e, _)| (e, id))
+    }
+
+    /// [`Engine::call_parts`] whose token is its own id.
+    pub fn call_parts_with_id(
+        &mut self,
+        function_name: &str,
+        params: &[&[u8]],
+        deadline: Option<Deadline>,
+    ) -> Result<u64, (Error, u64)>
+    where
+        T: From<u64>,
+    {
+        let id = self.next_id;
+        self.call_parts(function_name, params, deadline, T::from(id))
             .map_err(|(e, _)| (e, id))
     }
 
@@ -1068,6 +1097,34 @@ mod tests {
         let mut d = FrameDecoder::new(usize::MAX);
         d.extend(bytes);
         d.frames().map(|f| decode(f.unwrap()).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_call_in_parts_is_the_call_of_the_parts_joined() {
+        let mut whole: Engine<u64> = Engine::new(EngineConfig::default());
+        let mut parts: Engine<u64> = Engine::new(EngineConfig::default());
+        let bytes: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let mut head = [0; 5];
+        let head = message::bin_header(bytes.len(), &mut head).unwrap();
+        let joined = [head, &bytes[..]].concat();
+        assert!(matches!(whole.call_with_id("echo", &joined, None), Ok(1)));
+        assert!(matches!(
+            parts.call_parts_with_id("echo", &[head, &bytes], None),
+            Ok(1)
+        ));
+        assert_eq!(parts.pending_len(), 1);
+        assert_eq!(whole.take_output(Vec::new()), parts.take_output(Vec::new()));
+        // The frame limit holds for the joined size.
+        let mut small: Engine<u64> = Engine::new(EngineConfig {
+            max_frame: 2048,
+            ..EngineConfig::default()
+        });
+        assert!(matches!(
+            small.call_parts_with_id("echo", &[head, &bytes], None),
+            Err((Error::FrameTooLarge { .. }, 1))
+        ));
+        assert!(!small.has_output());
+        assert_eq!(small.pending_len(), 0);
     }
 
     /// An engine with the frame decoder a driver gives it; its events come out owned.

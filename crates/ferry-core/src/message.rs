@@ -1059,12 +1059,46 @@ pub fn encode_rpc_call(
     params: &[u8],
     request_id: &RequestId,
 ) {
+    encode_rpc_call_parts(out, function_name, &[params], request_id)
+}
+
+/// Writes an `rpc_call` body whose params are the concatenation of `params` (one MessagePack
+/// value in pieces, such as a `bin` header and the bytes it announces).
+pub fn encode_rpc_call_parts(
+    out: &mut Vec<u8>,
+    function_name: &str,
+    params: &[&[u8]],
+    request_id: &RequestId,
+) {
     out.extend_from_slice(CALL_HEAD);
     w_str(out, function_name);
     out.extend_from_slice(b"\xa6params");
-    out.extend_from_slice(params);
+    for part in params {
+        out.extend_from_slice(part);
+    }
     out.extend_from_slice(b"\xaarequest_id");
     w_id(out, request_id);
+}
+
+/// The header of a MessagePack `bin` of `len` bytes (its shortest form), in `buf`; `None`
+/// past 2^32 - 1 bytes, which MessagePack cannot announce.
+pub fn bin_header(len: usize, buf: &mut [u8; 5]) -> Option<&[u8]> {
+    let n = u32::try_from(len).ok()?;
+    let b = n.to_be_bytes();
+    Some(match n {
+        0..=0xff => {
+            *buf = [0xc4, n as u8, 0, 0, 0];
+            &buf[..2]
+        }
+        0x100..=0xffff => {
+            *buf = [0xc5, b[2], b[3], 0, 0];
+            &buf[..3]
+        }
+        _ => {
+            *buf = [0xc6, b[0], b[1], b[2], b[3]];
+            &buf[..]
+        }
+    })
 }
 
 /// Writes an `rpc_response` body.
@@ -1257,6 +1291,28 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bin_headers_are_the_shortest_form_rmp_writes() {
+        for len in [
+            0usize,
+            1,
+            255,
+            256,
+            1023,
+            1024,
+            65535,
+            65536,
+            1 << 24,
+            u32::MAX as usize,
+        ] {
+            let mut ours = [0; 5];
+            let mut theirs = Vec::new();
+            rmp::encode::write_bin_len(&mut theirs, len as u32).unwrap();
+            assert_eq!(bin_header(len, &mut ours), Some(&theirs[..]), "{len}");
+        }
+        assert_eq!(bin_header(u32::MAX as usize + 1, &mut [0; 5]), None);
+    }
     use serde::Deserialize;
 
     fn roundtrip(m: Message) {
