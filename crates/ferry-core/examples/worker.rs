@@ -130,8 +130,12 @@ fn router() -> Router {
         .sync_fn("sum_array", |p: Values| {
             Ok::<_, String>(number(p.values.iter().sum()))
         })
-        // The params go back byte for byte, never decoded.
-        .payload_fn("echo", Ok::<_, String>)
+        // The params go back byte for byte, never decoded, written straight from the read
+        // buffer into the answer.
+        .msgpack_fn("echo", |params: &[u8], out: &mut Vec<u8>| {
+            out.extend_from_slice(params);
+            Ok::<_, String>(())
+        })
         .sync_fn("get_benchmarks", |_: IgnoredAny| {
             Ok::<_, String>(Benchmarks {
                 runtime: "ferry-core",

@@ -353,6 +353,44 @@ impl Router {
         self
     }
 
+    /// Registers a function over raw MessagePack that works in place: `f(params, out)` gets
+    /// the params exactly as received (one validated value, borrowed from the read buffer
+    /// for the duration of the call) and appends its result, one MessagePack value, to `out`,
+    /// which is answered as is. Nothing is copied or allocated for the call beyond what `f`
+    /// writes, which makes it the cheapest way to move bytes (an echo, a transform of a
+    /// binary, a lookup answered from memory). Use [`Router::payload_fn`] to keep the params
+    /// past the call. A result that is not exactly one MessagePack value is answered with an
+    /// `Internal` error instead; `Err` is answered like [`Router::sync_fn`]'s (either way,
+    /// whatever `f` wrote is dropped).
+    pub fn msgpack_fn<E, F>(mut self, name: &str, f: F) -> Router
+    where
+        E: IntoRejection + Send + 'static,
+        F: Fn(&[u8], &mut Vec<u8>) -> Result<(), E> + Send + Sync + 'static,
+    {
+        let name_for_errors = name.to_owned();
+        self.functions.insert(
+            name.to_owned(),
+            Function::Sync(Arc::new(move |params: &[u8], out: &mut Vec<u8>| {
+                let start = out.len();
+                let r = f(params, out).map_err(IntoRejection::into_rejection);
+                if r.is_ok() {
+                    if let Err(e) = crate::message::validate_value(&out[start..]) {
+                        out.truncate(start);
+                        return Err(Rejection::new(
+                            ErrorType::Internal,
+                            format!(
+                                "function `{name_for_errors}` returned bytes that are not one \
+                                 MessagePack value: {e}"
+                            ),
+                        ));
+                    }
+                }
+                r
+            })),
+        );
+        self
+    }
+
     /// Registers a route handler for `invoke_handler` with this `handler_id`. Its request is
     /// decoded into `Req` (use [`HttpRequest`] for ZapJS's shape); a failed decode or an `Err`
     /// is answered with `error {code: HANDLER_EXECUTION_ERROR}`.

@@ -85,6 +85,32 @@ fn worker_router() -> Router {
         })
         .raw_fn("raw_fail", |_name, _params| Err("raw failure".to_string()))
         .payload_fn("payload_echo", Ok::<_, String>)
+        .msgpack_fn("msgpack_echo", |p: &[u8], out: &mut Vec<u8>| {
+            out.extend_from_slice(p);
+            Ok::<_, String>(())
+        })
+        // Answers its params' length, or writes what its params say to test the checks.
+        .msgpack_fn("msgpack_write", |p: &[u8], out: &mut Vec<u8>| match p {
+            // "torn": a bin header announcing more bytes than follow.
+            [0xa4, b't', b'o', b'r', b'n'] => {
+                out.extend_from_slice(&[0xc4, 9, 1, 2]);
+                Ok(())
+            }
+            // "two": two values.
+            [0xa3, b't', b'w', b'o'] => {
+                out.extend_from_slice(&[0x01, 0x02]);
+                Ok(())
+            }
+            // "fail": an error after writing.
+            [0xa4, b'f', b'a', b'i', b'l'] => {
+                out.push(0x07);
+                Err(Rejection::new(ErrorType::InvalidParams, "no"))
+            }
+            _ => {
+                rmp::encode::write_uint(out, p.len() as u64).unwrap();
+                Ok(())
+            }
+        })
         .payload_fn("payload_len", |p: Payload| {
             if p.is_nil() {
                 return Err(Rejection::new(ErrorType::InvalidParams, "params required"));
@@ -231,6 +257,53 @@ async fn raw_functions_get_their_name_and_any_value() {
         assert_eq!(err.code(), "ERR_FERRY_HANDLER");
         assert_eq!(err.error_type(), Some("HandlerError"));
         assert_eq!(err.to_string(), "raw failure");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn msgpack_functions_answer_the_bytes_they_write_and_refuse_broken_ones() {
+    within(async {
+        let (_server, conn) = start().await;
+        // As for payload functions: bytes no decode and re-encode would keep.
+        let params = [
+            0x92, 0xcf, 0, 0, 0, 0, 0, 0, 0, 5, 0xcb, 0x3f, 0xf0, 0, 0, 0, 0, 0, 0,
+        ];
+        let result = conn
+            .call_raw("msgpack_echo", &params, CallOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(result.as_bytes(), &params[..]);
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let back: serde_bytes::ByteBuf = conn
+            .call("msgpack_echo", serde_bytes::Bytes::new(&big))
+            .await
+            .unwrap();
+        assert_eq!(back.as_slice(), &big[..]);
+        let len: u64 = conn.call("msgpack_write", "abcdef").await.unwrap();
+        assert_eq!(len, 7);
+        for (what, code) in [
+            ("torn", "Internal"),
+            ("two", "Internal"),
+            ("fail", "InvalidParams"),
+        ] {
+            let err = conn
+                .call::<_, u64>("msgpack_write", what)
+                .await
+                .unwrap_err();
+            assert_eq!(err.error_type(), Some(code), "{what}: {err}");
+        }
+        // Made together (usually answered from one read): a refused result leaves nothing
+        // behind for the next.
+        let (a, b, c) = tokio::join!(
+            conn.call::<_, u64>("msgpack_write", "two"),
+            conn.call::<_, u64>("msgpack_write", "abc"),
+            conn.call::<_, u64>("msgpack_write", "fail"),
+        );
+        assert_eq!(a.unwrap_err().error_type(), Some("Internal"));
+        assert_eq!(b.unwrap(), 4);
+        assert_eq!(c.unwrap_err().error_type(), Some("InvalidParams"));
+        assert_serves(&conn).await;
     })
     .await
 }
