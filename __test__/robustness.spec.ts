@@ -3,7 +3,7 @@
 import { createServer, type Socket } from 'node:net'
 import { join } from 'node:path'
 
-import test from 'ava'
+import test, { type ExecutionContext } from 'ava'
 
 import { RpcClient, RpcError, RpcServer, closeRpcClient, initRpcClient, pack, rpc } from '../index.js'
 import { startWorker, tempDir, type Worker } from './helpers'
@@ -282,19 +282,23 @@ test('the raw call refuses a byte range outside its buffer', async (t) => {
   t.is(await client.call('add', { a: 1, b: 2 }), 3)
 })
 
-test('whole numbers beyond 32 bits leave Node as MessagePack integers, fractions as floats', async (t) => {
+/** A peer that never answers and keeps every frame body it receives, in order. */
+async function capturingPeer(t: ExecutionContext): Promise<{ path: string; bodies: Buffer[] }> {
   const { dir, cleanup } = tempDir()
   t.teardown(cleanup)
   const path = join(dir, 'capture.sock')
-  let firstFrame!: (b: Buffer) => void
-  const captured = new Promise<Buffer>((r) => (firstFrame = r))
+  const bodies: Buffer[] = []
   const sockets: Socket[] = []
   const capture = createServer((s) => {
     sockets.push(s)
     let buf = Buffer.alloc(0)
     s.on('data', (d) => {
       buf = Buffer.concat([buf, d])
-      if (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) firstFrame(buf.subarray(4, 4 + buf.readUInt32BE(0)))
+      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
+        const len = buf.readUInt32BE(0)
+        bodies.push(buf.subarray(4, 4 + len))
+        buf = buf.subarray(4 + len)
+      }
     })
   })
   await new Promise<void>((r) => capture.listen(path, r))
@@ -302,10 +306,16 @@ test('whole numbers beyond 32 bits leave Node as MessagePack integers, fractions
     sockets.forEach((s) => s.destroy())
     capture.close()
   })
+  return { path, bodies }
+}
+
+test('whole numbers beyond 32 bits leave Node as MessagePack integers, fractions as floats', async (t) => {
+  const { path, bodies } = await capturingPeer(t)
   const c = await RpcClient.connect(path)
   const pending = c.call('f', { big: 2 ** 40, neg: -(2 ** 40), half: 1.5 })
   pending.catch(() => {})
-  const body = (await captured).toString('hex')
+  await until(() => bodies.length >= 1, 'the call to reach the peer')
+  const body = bodies[0].toString('hex')
   t.true(body.includes('cf0000010000000000'), `2**40 as uint 64 in ${body}`)
   t.true(body.includes('d3ffffff0000000000'), `-(2**40) as int 64 in ${body}`)
   t.true(body.includes('cb3ff8000000000000'), `1.5 stays float 64 in ${body}`)
@@ -395,28 +405,7 @@ test('answers that arrived before the peer reset the connection still settle the
 const BIN_SIZES = [1023, 1024, 65535, 65536, 200_000]
 
 test('large binary params reach the peer exactly as msgpackr encodes them, views and Uint8Arrays included', async (t) => {
-  const { dir, cleanup } = tempDir()
-  t.teardown(cleanup)
-  const path = join(dir, 'bins.sock')
-  const bodies: Buffer[] = []
-  const sockets: Socket[] = []
-  const capture = createServer((s) => {
-    sockets.push(s)
-    let buf = Buffer.alloc(0)
-    s.on('data', (d) => {
-      buf = Buffer.concat([buf, d])
-      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
-        const len = buf.readUInt32BE(0)
-        bodies.push(buf.subarray(4, 4 + len))
-        buf = buf.subarray(4 + len)
-      }
-    })
-  })
-  await new Promise<void>((r) => capture.listen(path, r))
-  t.teardown(() => {
-    sockets.forEach((s) => s.destroy())
-    capture.close()
-  })
+  const { path, bodies } = await capturingPeer(t)
   const c = await RpcClient.connect(path)
   const pattern = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + n) % 256))
   const backing = pattern(70_000)

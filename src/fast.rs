@@ -185,29 +185,15 @@ unsafe extern "C" fn fast_call_named(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let Some((engine, argv)) = args::<5>(
+    call_by_name_id(
         env,
         info,
-        "callNamed(nameId, buffer, start, end, timeoutMs)",
-    ) else {
-        return ptr::null_mut();
-    };
-    let mut name_id = 0u32;
-    if sys::napi_get_value_uint32(env, argv[0], &mut name_id) != sys::Status::napi_ok {
-        return throw(env, "callNamed: nameId must be a number");
-    }
-    let Some(params) = byte_range(env, &argv, 1, "callNamed") else {
-        return ptr::null_mut();
-    };
-    let mut timeout_ms = 0f64;
-    sys::napi_get_value_double(env, argv[4], &mut timeout_ms);
-
-    let Some(id) = engine.call_interned(name_id, params, timeout_ms) else {
-        return throw(env, "callNamed: unknown nameId");
-    };
-    let mut out = ptr::null_mut();
-    sys::napi_create_double(env, id, &mut out);
-    out
+        (
+            "callNamed",
+            "callNamed(nameId, buffer, start, end, timeoutMs)",
+        ),
+        NativeEngine::call_interned,
+    )
 }
 
 /// `callBinNamed(nameId, buffer, start, end, timeoutMs)`: `callNamed` with the params the
@@ -217,25 +203,41 @@ unsafe extern "C" fn fast_call_bin_named(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let Some((engine, argv)) = args::<5>(
+    call_by_name_id(
         env,
         info,
-        "callBinNamed(nameId, buffer, start, end, timeoutMs)",
-    ) else {
+        (
+            "callBinNamed",
+            "callBinNamed(nameId, buffer, start, end, timeoutMs)",
+        ),
+        |engine, name_id, bytes, timeout_ms| engine.call_interned_bin(name_id, bytes, timeout_ms),
+    )
+}
+
+/// The body of `callNamed` and `callBinNamed` (`what`, and its usage for too few arguments):
+/// reads `(nameId, buffer, start, end, timeoutMs)` and makes the call with `call`, which gives
+/// `None` for an unknown name id.
+unsafe fn call_by_name_id(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+    (what, usage): (&str, &str),
+    call: impl FnOnce(&mut NativeEngine, u32, &mut [u8], f64) -> Option<f64>,
+) -> sys::napi_value {
+    let Some((engine, argv)) = args::<5>(env, info, usage) else {
         return ptr::null_mut();
     };
     let mut name_id = 0u32;
     if sys::napi_get_value_uint32(env, argv[0], &mut name_id) != sys::Status::napi_ok {
-        return throw(env, "callBinNamed: nameId must be a number");
+        return throw(env, &format!("{what}: nameId must be a number"));
     }
-    let Some(bytes) = byte_range(env, &argv, 1, "callBinNamed") else {
+    let Some(params) = byte_range(env, &argv, 1, what) else {
         return ptr::null_mut();
     };
     let mut timeout_ms = 0f64;
     sys::napi_get_value_double(env, argv[4], &mut timeout_ms);
 
-    let Some(id) = engine.call_interned_bin(name_id, bytes, timeout_ms) else {
-        return throw(env, "callBinNamed: unknown nameId");
+    let Some(id) = call(engine, name_id, params, timeout_ms) else {
+        return throw(env, &format!("{what}: unknown nameId"));
     };
     let mut out = ptr::null_mut();
     sys::napi_create_double(env, id, &mut out);

@@ -23,6 +23,29 @@ pub fn fail(message: impl std::fmt::Display) -> ! {
     std::process::exit(1)
 }
 
+/// Runs a client's `run` in a task spawned on a current-thread tokio runtime (see
+/// `ferry-client` for why spawned), prints its result line or fails, and exits at once: calls
+/// still outstanding (held sleeps, lanes still calling) are abandoned, not awaited.
+pub fn run_tokio_client<F>(run: F) -> !
+where
+    F: std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(format!("cannot start tokio: {e}")));
+    let r = rt.block_on(async move {
+        tokio::spawn(run)
+            .await
+            .unwrap_or_else(|e| Err(format!("client task failed: {e}")))
+    });
+    match r {
+        Ok(v) => print_result(v),
+        Err(e) => fail(e),
+    }
+    std::process::exit(0)
+}
+
 /// Prints a usage error on stderr and exits with status 2.
 pub fn usage(message: impl std::fmt::Display) -> ! {
     eprintln!("{}: {message}", program());

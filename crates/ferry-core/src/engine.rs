@@ -607,9 +607,7 @@ impl<T> Engine<T> {
     where
         T: From<u64>,
     {
-        let id = self.next_id;
-        self.call(function_name, params, deadline, T::from(id))
-            .map_err(|(e, _)| (e, id))
+        self.call_parts_with_id(function_name, &[params], deadline)
     }
 
     /// [`Engine::call_parts`] whose token is its own id.

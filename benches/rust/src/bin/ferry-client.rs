@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_bench::{
-    echo_result, fail, first_result, latency_result, make_payload, memory_result, payload_matches,
-    print_result, rss_bytes, throughput_result, ClientArgs, Scenario,
+    echo_result, first_result, latency_result, make_payload, memory_result, payload_matches,
+    rss_bytes, run_tokio_client, throughput_result, ClientArgs, Scenario,
 };
 use ferry_core::Connection;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -53,22 +53,7 @@ struct Sleep {
 
 fn main() {
     let args = ClientArgs::from_env();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| fail(format!("cannot start tokio: {e}")));
-    let spawned = args.clone();
-    let r = rt.block_on(async move {
-        tokio::spawn(async move { run(&spawned).await })
-            .await
-            .unwrap_or_else(|e| Err(format!("client task failed: {e}")))
-    });
-    match r {
-        Ok(v) => print_result(v),
-        Err(e) => fail(e),
-    }
-    // Calls still outstanding (memory's sleeps) are abandoned, not awaited.
-    std::process::exit(0);
+    run_tokio_client(async move { run(&args).await })
 }
 
 async fn connect(path: &str) -> Result<Connection, String> {

@@ -23,7 +23,7 @@ use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use ferry_bench::{
-    echo_result, fail, first_result, latency_result, make_frame, print_result, throughput_result,
+    echo_result, first_result, latency_result, make_frame, run_tokio_client, throughput_result,
     ClientArgs, EchoCounter, Scenario, SMALL_BODY,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -258,21 +258,5 @@ async fn run(args: ClientArgs) -> Result<serde_json::Value, String> {
 }
 
 fn main() {
-    let args = ClientArgs::from_env();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| fail(format!("cannot start tokio: {e}")));
-    // In a spawned task, as in `ferry-client` (see there why).
-    let r = rt.block_on(async move {
-        tokio::spawn(run(args))
-            .await
-            .unwrap_or_else(|e| Err(format!("client task failed: {e}")))
-    });
-    match r {
-        Ok(v) => print_result(v),
-        Err(e) => fail(e),
-    }
-    // Lanes still calling are abandoned, not awaited.
-    std::process::exit(0);
+    run_tokio_client(run(ClientArgs::from_env()))
 }
