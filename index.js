@@ -294,9 +294,13 @@ class RpcConnection {
     let id
     if (nameId !== undefined && value instanceof Uint8Array && value.length >= BIN_DIRECT) {
       // A large Buffer (or other Uint8Array) as the params: Rust writes the MessagePack bin
-      // msgpackr would make of it, copying the bytes once, straight into the frame.
-      id = this._fastCallBinNamed(nameId, value, 0, value.length, timeoutMs)
-    } else {
+      // msgpackr would make of it, copying the bytes once, straight into the frame. A view
+      // Node-API cannot read (none known) takes the general path below.
+      try {
+        id = this._fastCallBinNamed(nameId, value, 0, value.length, timeoutMs)
+      } catch {}
+    }
+    if (id === undefined) {
       // Packed last: the bytes are only valid until the next pack (user code, such as a
       // getter of `options`, could pack in between).
       let packed

@@ -440,6 +440,9 @@ test('large binary params of every header size echo back whole from the worker',
   backing.fill(3, 100, 5100)
   const back = (await client.call('echo', new Uint8Array(backing.buffer, backing.byteOffset + 100, 5000))) as Buffer
   t.true(back.equals(Buffer.alloc(5000, 3)))
+  // Over shared memory.
+  const shared = new Uint8Array(new SharedArrayBuffer(4096)).fill(5)
+  t.true(((await client.call('echo', shared)) as Buffer).equals(Buffer.alloc(4096, 5)))
 })
 
 test('a binary param over the frame limit is refused before sending, and the client goes on', async (t) => {
