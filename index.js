@@ -32,9 +32,9 @@ const NIL = Buffer.from([0xc0])
 // How many function names a client keeps by id (see `_names`); calls of further names pass
 // their name as a string, so a program that makes up names cannot grow this without bound.
 const MAX_INTERNED_NAMES = 1024
-// Buffers (and other Uint8Arrays) of this many bytes or more passed as a call's params go to
-// Rust as they are, which writes them as the MessagePack bin msgpackr would make (one copy
-// fewer); smaller ones are packed like any value.
+// Buffers (and other Uint8Arrays) of this many bytes or more passed as a call's params, or
+// returned by a handler, go to Rust as they are, which writes them as the MessagePack bin
+// msgpackr would make (one copy fewer); smaller ones are packed like any value.
 const BIN_DIRECT = 1024
 const pack = (value) => (value === undefined ? NIL : packr.pack(value))
 // A call's params are packed into msgpackr's own buffer, returned whole with the bytes at
@@ -190,6 +190,7 @@ class RpcConnection {
     this._fastCallNamed = fast.callNamed
     this._fastCallBinNamed = fast.callBinNamed
     this._fastReply = fast.reply
+    this._fastReplyBin = fast.replyBin
     // Function names the engine keeps, by the id it gave each: a call by id does not copy its
     // name out of the string (about 5% of calls/s with many small calls in flight).
     this._names = new Map()
@@ -478,6 +479,18 @@ class RpcConnection {
 
   _replyCall(token, value) {
     if (this._closed) return
+    if (value instanceof Uint8Array && value.length >= BIN_DIRECT) {
+      // As for a call's params (see `_request`): Rust writes the bin, one copy.
+      let sent = false
+      try {
+        this._fastReplyBin(token, value, 0, value.length)
+        sent = true
+      } catch {}
+      if (sent) {
+        this._afterSettle()
+        return
+      }
+    }
     let packed
     try {
       packed = packInPlace(value === undefined ? null : value)

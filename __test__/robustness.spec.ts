@@ -7,7 +7,7 @@ import test, { type ExecutionContext } from 'ava'
 
 import { RpcClient, RpcError, RpcServer, closeRpcClient, initRpcClient, pack, rpc } from '../index.js'
 import { startWorker, tempDir, type Worker } from './helpers'
-import { until } from './wire'
+import { WireSocket, until } from './wire'
 
 let worker: Worker
 let client: RpcClient
@@ -403,19 +403,23 @@ test('answers that arrived before the peer reset the connection still settle the
 // Large Buffers (and other Uint8Arrays) passed as params skip msgpackr: Rust writes the bin
 // itself. What reaches the peer must be the very bytes msgpackr would have written.
 const BIN_SIZES = [1023, 1024, 65535, 65536, 200_000]
+const pattern = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + n) % 256))
+/** Binaries around each bin header size and the direct path's threshold, as Buffers, a plain
+ * Uint8Array, and views into a larger buffer (only the view's bytes go). */
+function binValues(): Uint8Array[] {
+  const backing = pattern(70_000)
+  return [
+    ...BIN_SIZES.map(pattern),
+    new Uint8Array(pattern(4096)),
+    backing.subarray(1000, 6000),
+    new Uint8Array(backing.buffer, backing.byteOffset + 3, 2048),
+  ]
+}
 
 test('large binary params reach the peer exactly as msgpackr encodes them, views and Uint8Arrays included', async (t) => {
   const { path, bodies } = await capturingPeer(t)
   const c = await RpcClient.connect(path)
-  const pattern = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + n) % 256))
-  const backing = pattern(70_000)
-  const values: Uint8Array[] = [
-    ...BIN_SIZES.map(pattern),
-    new Uint8Array(pattern(4096)),
-    // Views into a larger buffer: only the view's bytes go.
-    backing.subarray(1000, 6000),
-    new Uint8Array(backing.buffer, backing.byteOffset + 3, 2048),
-  ]
+  const values = binValues()
   values.forEach((v, i) => c.call(`bin${i}`, v).catch(() => {}))
   // Each call's frame arrives in order.
   await until(() => bodies.length >= values.length, 'every call to reach the peer')
@@ -451,4 +455,34 @@ test('a binary param over the frame limit is refused before sending, and the cli
   const e = await t.throwsAsync(small.call('echo', Buffer.alloc(8192)), { instanceOf: RpcError })
   t.is(e?.code, 'ERR_FERRY_FRAME_TOO_LARGE')
   t.true((await small.call('echo', Buffer.alloc(2000, 1)) as Buffer).equals(Buffer.alloc(2000, 1)))
+})
+
+test('large binary results of JS handlers reach the peer exactly as msgpackr encodes them', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const values = binValues()
+  const server = await RpcServer.listen(join(dir, 'bins.sock'))
+  t.teardown(() => server.close({ graceMs: 0 }))
+  server.handle('bin', (i: number) => values[i])
+  const ws = await WireSocket.connect(server.path)
+  t.teardown(() => ws.destroy())
+  for (let i = 0; i < values.length; i++) {
+    const f = await ws.request({ type: 'rpc_call', function_name: 'bin', params: i, request_id: i + 1 })
+    t.is(f.msg?.type, 'rpc_response', `answer ${i}`)
+    const expected = Buffer.concat([Buffer.from('a6726573756c74', 'hex'), pack(values[i])])
+    t.true(f.body.subarray(-expected.length).equals(expected), `answer ${i} (${values[i].length} bytes): the result as msgpackr packs it`)
+  }
+})
+
+test('a binary result over the frame limit is answered with an Internal error, and the server goes on', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const server = await RpcServer.listen(join(dir, 'limit.sock'), { maxFrameBytes: 4096 })
+  t.teardown(() => server.close({ graceMs: 0 }))
+  server.handle('bin', (n: number) => Buffer.alloc(n, 1))
+  const c = await RpcClient.connect(server.path)
+  t.teardown(() => c.close())
+  const e = await t.throwsAsync(c.call('bin', 8192), { instanceOf: RpcError })
+  t.is(e?.errorType, 'Internal')
+  t.true(((await c.call('bin', 2000)) as Buffer).equals(Buffer.alloc(2000, 1)))
 })

@@ -379,14 +379,16 @@ impl NativeEngine {
         id
     }
 
-    /// This engine's raw entry points, `{call, callNamed, callBinNamed, reply}`: `call(name,
+    /// This engine's raw entry points, `{call, callNamed, callBinNamed, reply, replyBin}`:
+    /// `call(name,
     /// buffer, start, end, timeoutMs)` is `call` with the params `buffer[start..end]` and
     /// without napi-rs's per-call overhead, `callNamed(nameId, ...)` the same with a name
     /// `internName` kept, `callBinNamed(nameId, ...)` that with the params the MessagePack
-    /// `bin` of those bytes, and `reply(token, buffer, start, end)` is `reply` likewise (see
-    /// src/fast.rs). Each function keeps this engine alive.
+    /// `bin` of those bytes, `reply(token, buffer, start, end)` is `reply` likewise, and
+    /// `replyBin(token, ...)` answers with the `bin` of those bytes (see src/fast.rs). Each
+    /// function keeps this engine alive.
     #[napi(
-        ts_return_type = "{ call: (name: string, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callBinNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; reply: (token: number, buffer: Uint8Array, start: number, end: number) => void }"
+        ts_return_type = "{ call: (name: string, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; callBinNamed: (nameId: number, buffer: Uint8Array, start: number, end: number, timeoutMs: number) => number; reply: (token: number, buffer: Uint8Array, start: number, end: number) => void; replyBin: (token: number, buffer: Uint8Array, start: number, end: number) => void }"
     )]
     pub fn fast_functions(&mut self, env: Env, this: This) -> Result<RawValue> {
         // SAFETY: `this` wraps `self`, on the JS thread.
@@ -649,6 +651,24 @@ impl NativeEngine {
             Ok(()) => self.engine.respond(&id, Ok(result)),
             Err(e) => {
                 let msg = format!("the result is not one MessagePack value: {e}");
+                self.engine.respond(&id, Err((&msg, &ErrorType::Internal)));
+            }
+        }
+        self.flush_early();
+        self.touched();
+        Ok(())
+    }
+
+    /// Answers the peer's call `token` with the MessagePack `bin` of `bytes` (a Buffer or
+    /// Uint8Array a JS handler returned, which msgpackr would encode the same way), copied
+    /// once, straight into the frame.
+    pub(crate) fn reply_bin(&mut self, token: u32, bytes: &[u8]) -> Result<()> {
+        let id = self.take_call(token)?;
+        let mut head = [0u8; 5];
+        match ferry_core::message::bin_header(bytes.len(), &mut head) {
+            Some(head) => self.engine.respond_parts(&id, &[head, bytes]),
+            None => {
+                let msg = format!("a binary of {} bytes is too long", bytes.len());
                 self.engine.respond(&id, Err((&msg, &ErrorType::Internal)));
             }
         }

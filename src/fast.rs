@@ -102,17 +102,48 @@ unsafe extern "C" fn fast_reply(
     env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let Some((engine, argv)) = args::<4>(env, info, "reply(token, buffer, start, end)") else {
+    reply_with(
+        env,
+        info,
+        ("reply", "reply(token, buffer, start, end)"),
+        NativeEngine::reply_raw,
+    )
+}
+
+/// `replyBin(token, buffer, start, end)`: `reply` with the result the MessagePack `bin` of
+/// `buffer[start..end]` (what msgpackr makes of a Uint8Array a handler returned), written into
+/// the frame straight from the handler's bytes.
+unsafe extern "C" fn fast_reply_bin(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+) -> sys::napi_value {
+    reply_with(
+        env,
+        info,
+        ("replyBin", "replyBin(token, buffer, start, end)"),
+        |engine, token, bytes| engine.reply_bin(token, bytes),
+    )
+}
+
+/// The body of `reply` and `replyBin` (`what`, and its usage for too few arguments): reads
+/// `(token, buffer, start, end)` and answers with `reply`, throwing its error.
+unsafe fn reply_with(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+    (what, usage): (&str, &str),
+    reply: impl FnOnce(&mut NativeEngine, u32, &mut [u8]) -> napi::Result<()>,
+) -> sys::napi_value {
+    let Some((engine, argv)) = args::<4>(env, info, usage) else {
         return ptr::null_mut();
     };
     let mut token = 0u32;
     if sys::napi_get_value_uint32(env, argv[0], &mut token) != sys::Status::napi_ok {
-        return throw(env, "reply: token must be a number");
+        return throw(env, &format!("{what}: token must be a number"));
     }
-    let Some(result) = byte_range(env, &argv, 1, "reply") else {
+    let Some(result) = byte_range(env, &argv, 1, what) else {
         return ptr::null_mut();
     };
-    if let Err(e) = engine.reply_raw(token, result) {
+    if let Err(e) = reply(engine, token, result) {
         let mut m = Vec::with_capacity(e.reason.len() + 1);
         m.extend_from_slice(e.reason.as_bytes());
         m.push(0);
@@ -256,11 +287,12 @@ pub(crate) unsafe fn fast_functions(
     engine: *mut NativeEngine,
 ) -> Result<sys::napi_value> {
     type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
-    let entries: [(&std::ffi::CStr, Callback); 4] = [
+    let entries: [(&std::ffi::CStr, Callback); 5] = [
         (c"call", fast_call),
         (c"callNamed", fast_call_named),
         (c"callBinNamed", fast_call_bin_named),
         (c"reply", fast_reply),
+        (c"replyBin", fast_reply_bin),
     ];
     // Properties are defined, never set: a set would run any setter user code put on the
     // prototype chain, while this engine is borrowed.

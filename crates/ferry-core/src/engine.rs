@@ -733,11 +733,26 @@ impl<T> Engine<T> {
             return;
         }
         let r = match result {
-            Ok(value) => self.frame(|out| message::encode_rpc_response(out, request_id, value)),
+            Ok(value) => return self.respond_parts(request_id, &[value]),
             Err((msg, kind)) => {
                 self.frame(|out| message::encode_rpc_error(out, request_id, msg, kind.as_str()))
             }
         };
+        if let Err(e) = r {
+            let msg = format!("the answer could not be sent: {e}");
+            let _ = self.frame(|out| message::encode_rpc_error(out, request_id, &msg, "Internal"));
+        }
+    }
+
+    /// Answers the peer's `rpc_call` with a result given in pieces that together make one
+    /// MessagePack value (such as a `bin` header and the handler's bytes, then copied once,
+    /// straight into the frame). The pieces are not checked. A result over the frame limit is
+    /// answered with an `Internal` error, as with [`Engine::respond`].
+    pub fn respond_parts(&mut self, request_id: &RequestId, result: &[&[u8]]) {
+        if self.closed.is_some() {
+            return;
+        }
+        let r = self.frame(|out| message::encode_rpc_response_parts(out, request_id, result));
         if let Err(e) = r {
             let msg = format!("the answer could not be sent: {e}");
             let _ = self.frame(|out| message::encode_rpc_error(out, request_id, &msg, "Internal"));

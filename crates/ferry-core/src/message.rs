@@ -1103,10 +1103,18 @@ pub fn bin_header(len: usize, buf: &mut [u8; 5]) -> Option<&[u8]> {
 
 /// Writes an `rpc_response` body.
 pub fn encode_rpc_response(out: &mut Vec<u8>, request_id: &RequestId, result: &[u8]) {
+    encode_rpc_response_parts(out, request_id, &[result])
+}
+
+/// Writes an `rpc_response` body whose result is the concatenation of `result` (one
+/// MessagePack value in pieces, such as a `bin` header and the bytes it announces).
+pub fn encode_rpc_response_parts(out: &mut Vec<u8>, request_id: &RequestId, result: &[&[u8]]) {
     out.extend_from_slice(RESPONSE_HEAD);
     w_id(out, request_id);
     out.extend_from_slice(b"\xa6result");
-    out.extend_from_slice(result);
+    for part in result {
+        out.extend_from_slice(part);
+    }
 }
 
 /// Writes an `rpc_error` body.
