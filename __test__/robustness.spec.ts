@@ -416,11 +416,43 @@ function binValues(): Uint8Array[] {
   ]
 }
 
-test('large binary params reach the peer exactly as msgpackr encodes them, views and Uint8Arrays included', async (t) => {
+/** The msgpackr bytes and the direct path write the same bytes, so these tests also count
+ * which raw entry points engines created from now on are called through (serial tests: no
+ * other test runs meanwhile). */
+function countRawCalls(t: ExecutionContext): Record<string, number> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { NativeEngine } = require('../native.js') as { NativeEngine: { prototype: { fastFunctions(): Record<string, Function> } } }
+  const original = NativeEngine.prototype.fastFunctions
+  const counts: Record<string, number> = {}
+  NativeEngine.prototype.fastFunctions = function (this: unknown) {
+    const fast = original.call(this)
+    const counted: Record<string, Function> = {}
+    // The raw functions are non-enumerable properties.
+    for (const name of ['call', 'callNamed', 'callBinNamed', 'reply', 'replyBin']) {
+      const f = fast[name]
+      counted[name] = (...args: unknown[]) => {
+        counts[name] = (counts[name] ?? 0) + 1
+        return f(...args)
+      }
+    }
+    return counted
+  }
+  t.teardown(() => {
+    NativeEngine.prototype.fastFunctions = original
+  })
+  return counts
+}
+
+test.serial('large binary params reach the peer exactly as msgpackr encodes them, views and Uint8Arrays included', async (t) => {
+  const counts = countRawCalls(t)
   const { path, bodies } = await capturingPeer(t)
   const c = await RpcClient.connect(path)
   const values = binValues()
   values.forEach((v, i) => c.call(`bin${i}`, v).catch(() => {}))
+  // Those of 1 KiB or more went the direct way, the others through msgpackr.
+  const direct = values.filter((v) => v.length >= 1024).length
+  t.is(counts.callBinNamed, direct)
+  t.is(counts.callNamed, values.length - direct)
   // Each call's frame arrives in order.
   await until(() => bodies.length >= values.length, 'every call to reach the peer')
   t.is(bodies.length, values.length)
@@ -457,7 +489,8 @@ test('a binary param over the frame limit is refused before sending, and the cli
   t.true((await small.call('echo', Buffer.alloc(2000, 1)) as Buffer).equals(Buffer.alloc(2000, 1)))
 })
 
-test('large binary results of JS handlers reach the peer exactly as msgpackr encodes them', async (t) => {
+test.serial('large binary results of JS handlers reach the peer exactly as msgpackr encodes them', async (t) => {
+  const counts = countRawCalls(t)
   const { dir, cleanup } = tempDir()
   t.teardown(cleanup)
   const values = binValues()
@@ -472,6 +505,9 @@ test('large binary results of JS handlers reach the peer exactly as msgpackr enc
     const expected = Buffer.concat([Buffer.from('a6726573756c74', 'hex'), pack(values[i])])
     t.true(f.body.subarray(-expected.length).equals(expected), `answer ${i} (${values[i].length} bytes): the result as msgpackr packs it`)
   }
+  const direct = values.filter((v) => v.length >= 1024).length
+  t.is(counts.replyBin, direct)
+  t.is(counts.reply, values.length - direct)
 })
 
 test('a binary result over the frame limit is answered with an Internal error, and the server goes on', async (t) => {
