@@ -46,6 +46,8 @@ const INCOMING_INVOKE: u32 = 1;
 
 /// The array32 header at the start of a results batch.
 const BATCH_HEADER: usize = 5;
+/// A result this large makes `process` size its batch for the whole read at once.
+const LARGE_RESULT: usize = 16 * 1024;
 
 /// Bits of the status returned by `process`.
 const STATUS_INCOMING: u32 = 1;
@@ -449,9 +451,12 @@ impl NativeEngine {
         let mut items = std::mem::take(&mut self.items);
         items.clear();
         // The results of this read take at most the bytes read (each frame's envelope is
-        // larger than the id written in its stead): room for all of them is made at the first,
-        // so that a batch of large results is not copied again each time it grows.
+        // larger than the id written in its stead): room for all of them is made at the first
+        // large one, so that a batch of large results is not copied again each time it grows.
+        // (Only then: a read of large incoming calls with a small answer among them must not
+        // allocate the whole read's size for the answers.)
         let room = self.input.buffered();
+        let mut reserved = false;
         let mut frames = self.input.frames();
         for frame in frames.by_ref() {
             let Some(ev) = self.engine.on_decoded(frame) else {
@@ -462,8 +467,9 @@ impl NativeEngine {
                     token,
                     result: Ok(value),
                 } => {
-                    if items.is_empty() {
+                    if !reserved && value.len() >= LARGE_RESULT {
                         batch.reserve(room);
+                        reserved = true;
                     }
                     rmp::encode::write_uint(&mut batch, token).expect("Vec write");
                     batch.extend_from_slice(&value);
