@@ -208,13 +208,10 @@ async fn lanes(
     tokio::time::sleep(args.duration).await;
     let calls = count.load(Ordering::Relaxed) - before;
     let elapsed = t0.elapsed();
-    for t in &tasks {
-        if t.is_finished() {
-            for t in tasks {
-                t.await.map_err(|e| e.to_string())??;
-            }
-            break;
-        }
+    // A lane only ends by failing: report the first one's error (lanes still calling are
+    // left to the process's exit, never awaited).
+    for t in tasks.into_iter().filter(|t| t.is_finished()) {
+        t.await.map_err(|e| format!("lane failed: {e}"))??;
     }
     if calls == 0 {
         return Err("no completions were measured".into());
