@@ -180,6 +180,81 @@ fn on_one_cpu_a_threads_reader_sleeps_once_per_call() {
     server.join().unwrap();
 }
 
+/// On one CPU, a [`IoMode::Reactor`] connection with the default `early_wake` is registered
+/// for reading only: the peer's reading of its calls does not wake the reactor (on one CPU,
+/// two context switches per call for nothing), so a caller making one call after another
+/// sleeps once per call. Each round trip here lets the caller fall asleep before its call is
+/// read, and again before its answer is written.
+#[test]
+fn on_one_cpu_a_reactor_caller_sleeps_once_per_call() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pin_to_one_cpu();
+    assert!(!runs_on_many_cpus());
+    assert!(ConnectionConfig::default().early_wake);
+
+    const N: u64 = 200;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    let caller = std::thread::Builder::new()
+        .name("ferry-caller".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let stream = tokio::net::UnixStream::from_std(theirs).unwrap();
+                let conn =
+                    Connection::from_stream(stream, Router::new(), ConnectionConfig::default());
+                for n in 0..=N {
+                    assert_eq!(conn.call::<_, u64>("inc", &n).await.unwrap(), n + 1);
+                }
+            })
+        })
+        .unwrap();
+    let tid = loop {
+        // The thread is named before it runs; wait until /proc shows it.
+        if let Some(t) = threads_named("ferry-caller").pop() {
+            break t;
+        }
+        assert!(!caller.is_finished(), "the caller ended early");
+        std::thread::yield_now();
+    };
+    let mut sock = ours;
+    sock.set_read_timeout(Some(common::TEST_LIMIT)).unwrap();
+
+    let (mut before, mut after) = (0, 0);
+    for n in 0..=N {
+        wait_readable(&sock);
+        // The call is here, unread; the caller waits for its answer.
+        wait_asleep(&tid);
+        if n == 1 {
+            before = voluntary_switches(&tid);
+        }
+        let call = answer(&mut sock);
+        assert_eq!(call["params"], Value::from(n));
+        // A caller woken by that read runs, finds nothing and sleeps again, which counts.
+        wait_asleep(&tid);
+        if n == N {
+            after = voluntary_switches(&tid);
+        }
+        let reply = map(vec![
+            ("type", Value::from("rpc_response")),
+            ("request_id", call["request_id"].clone()),
+            ("result", Value::from(n + 1)),
+        ]);
+        sock.write_all(&frame(&encode(&reply))).unwrap();
+    }
+    caller.join().unwrap();
+    // From the caller's wait for answer 1 to its wait for answer N: N - 1 sleeps, plus any
+    // after the peer read a call.
+    let switches = after - before;
+    assert!(
+        switches <= N + N / 4,
+        "the caller slept {switches} times in {N} round trips"
+    );
+}
+
 /// On one CPU, two [`IoMode::Threads`] connections (their readers waiting in `poll`) carry
 /// payloads larger than the socket and their read buffers, and many calls in flight, and each
 /// sees the other go away.

@@ -102,9 +102,13 @@ pub struct ConnectionConfig {
     /// sent. That wake-up finds nothing to do, but it tells an idle core that an answer is on
     /// its way: on a machine whose idle cores wake slowly it is awake when the answer comes.
     /// Measured on a 2-core VM (docs/benchmarks.md), unpinned: 10-25% lower latency and up to
-    /// 40% more small calls per second; with both processes on one core it costs about 10%
-    /// latency, and large payloads lose about 15%. `false` registers for reading only (and
-    /// for writing only while a write waits for room), like libuv's streams. Default: `true`.
+    /// 40% more small calls per second. In a process that may run on one CPU only
+    /// ([`runs_on_many_cpus`](crate::engine::runs_on_many_cpus)) there is no idle core to
+    /// wake, only two context switches per call for nothing (a quarter of a Rust caller's
+    /// sequential latency against a Node server, both on one core), so there the socket is
+    /// registered for reading only whatever this says. `false` registers for reading only (and
+    /// for writing only while a write waits for room), like libuv's streams, everywhere.
+    /// Default: `true`.
     pub early_wake: bool,
     /// Busy-polling: before the connection's reader waits for the socket after it had
     /// something to do, it keeps checking the socket for up to this long (or until the
@@ -302,8 +306,10 @@ impl Connection {
     /// Runs the protocol over an already-connected stream. Must be called inside a tokio
     /// runtime with I/O enabled.
     pub fn from_stream(stream: UnixStream, router: Router, config: ConnectionConfig) -> Connection {
+        // No idle core to wake on one CPU (see `early_wake`).
+        let early_wake = config.early_wake && crate::engine::runs_on_many_cpus();
         let io = match config.io {
-            IoMode::Reactor => reactor_io(stream, config.early_wake),
+            IoMode::Reactor => reactor_io(stream, early_wake),
             // The reactor's registration goes with `stream`; the threads use a duplicate,
             // made blocking. Without a descriptor to spare, the connection stays on the reactor.
             IoMode::Threads => match socket2::SockRef::from(&stream)
@@ -323,7 +329,7 @@ impl Connection {
                     tracing::debug!(
                         "ferry: no descriptor for the I/O threads, using the reactor: {e}"
                     );
-                    reactor_io(stream, config.early_wake)
+                    reactor_io(stream, early_wake)
                 }
             },
         };
