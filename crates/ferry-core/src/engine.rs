@@ -143,6 +143,29 @@ impl Default for EarlyWrites {
     }
 }
 
+/// Starts an answer to the peer's `rpc_call` at the end of `out`, a buffer of the
+/// driver's own: the frame's header and the `rpc_response` body up to its result. The
+/// driver then appends the result (one MessagePack value, not checked here) and ends the
+/// frame with [`finish_response`]; the finished frames go out through
+/// [`Engine::queue_frames`]. This lets handlers write their results straight into the
+/// frames that are sent, without the engine (or the lock that guards it). Returns where
+/// the frame starts.
+pub fn begin_response(out: &mut Vec<u8>, request_id: &RequestId) -> usize {
+    let at = begin_frame(out);
+    message::encode_rpc_response_head(out, request_id);
+    at
+}
+
+/// Ends a frame started at `at` by [`begin_response`]. Over the frame limit, the
+/// frame is removed from `out` and the error returned: answer the call with it, as
+/// [`Engine::respond`] would (an `Internal` error saying the answer could not be sent).
+pub fn finish_response(max_frame: usize, out: &mut Vec<u8>, at: usize) -> Result<(), Error> {
+    finish_frame(out, at, max_frame).map_err(|e| Error::FrameTooLarge {
+        len: e.len,
+        max: e.max,
+    })
+}
+
 /// Whether this process may run on more than one CPU: on Linux, the affinity mask of the
 /// thread that asks first (as Node's `os.availableParallelism()` reads it; a process pinned
 /// with `taskset` pins all its threads), else [`std::thread::available_parallelism`]. Read
@@ -756,6 +779,29 @@ impl<T> Engine<T> {
         if let Err(e) = r {
             let msg = format!("the answer could not be sent: {e}");
             let _ = self.frame(|out| message::encode_rpc_error(out, request_id, &msg, "Internal"));
+        }
+    }
+
+    /// Queues whole frames made by the driver (see [`begin_response`]) after what is
+    /// already queued, leaving `frames` empty. When nothing is queued, the engine takes
+    /// `frames`' buffer as its own and leaves its empty one in `frames`: the frames are not
+    /// copied. Dropped once the engine is closed, like every answer.
+    pub fn queue_frames(&mut self, frames: &mut Vec<u8>) {
+        if self.closed.is_some() {
+            frames.clear();
+        } else if self.out.is_empty() {
+            std::mem::swap(&mut self.out, frames);
+            frames.clear();
+        } else {
+            self.out.extend_from_slice(frames);
+            frames.clear();
+        }
+    }
+
+    /// Like [`Engine::queue_frames`], for frames the driver keeps: always copied.
+    pub fn queue_frames_from(&mut self, frames: &[u8]) {
+        if self.closed.is_none() {
+            self.out.extend_from_slice(frames);
         }
     }
 

@@ -1109,12 +1109,18 @@ pub fn encode_rpc_response(out: &mut Vec<u8>, request_id: &RequestId, result: &[
 /// Writes an `rpc_response` body whose result is the concatenation of `result` (one
 /// MessagePack value in pieces, such as a `bin` header and the bytes it announces).
 pub fn encode_rpc_response_parts(out: &mut Vec<u8>, request_id: &RequestId, result: &[&[u8]]) {
-    out.extend_from_slice(RESPONSE_HEAD);
-    w_id(out, request_id);
-    out.extend_from_slice(b"\xa6result");
+    encode_rpc_response_head(out, request_id);
     for part in result {
         out.extend_from_slice(part);
     }
+}
+
+/// Writes an `rpc_response` body up to its result: the caller then writes the result, one
+/// MessagePack value, right after it.
+pub fn encode_rpc_response_head(out: &mut Vec<u8>, request_id: &RequestId) {
+    out.extend_from_slice(RESPONSE_HEAD);
+    w_id(out, request_id);
+    out.extend_from_slice(b"\xa6result");
 }
 
 /// Writes an `rpc_error` body.

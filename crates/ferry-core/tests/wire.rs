@@ -1660,3 +1660,101 @@ async fn a_busy_polling_connection_sees_the_peer_hang_up_while_it_polls() {
     })
     .await
 }
+
+/// The answers to the calls of one read go out in the calls' order, whatever mix of results,
+/// errors and answers made elsewhere (a `payload_fn`'s value, an answer over the frame limit,
+/// a function that wrote part of a result and then failed) the read holds; each answer is
+/// whole. An asynchronous function's answer comes when it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_to_one_read_keep_the_calls_order() {
+    within(async {
+        let router = Router::new()
+            .sync_fn("add", |p: Pair| Ok::<_, String>(p.a + p.b))
+            .sync_fn("grow", |n: usize| Ok::<_, String>("x".repeat(n)))
+            .sync_fn("encode_fails", |_: serde::de::IgnoredAny| {
+                Ok::<_, String>(HalfEncoded { panic: false })
+            })
+            .sync_fn("panics", |_: serde::de::IgnoredAny| -> Result<(), String> {
+                panic!("on purpose")
+            })
+            .payload_fn("payload_echo", Ok::<_, String>)
+            .msgpack_fn("fail_after_write", |_: &[u8], out: &mut Vec<u8>| {
+                out.extend_from_slice(&[0xc4, 3, 1]);
+                Err::<(), _>("failed after writing")
+            })
+            .async_fn("later", |n: u64| async move {
+                tokio::task::yield_now().await;
+                Ok::<_, String>(n)
+            });
+        let server = TestServer::start_with(router, small_frames(), None).await;
+        let mut raw = RawClient::connect(&server.path).await;
+
+        let calls: Vec<(&str, Value)> = vec![
+            ("add", add_params(1, 2)),
+            ("grow", Value::from(10)),
+            ("grow", Value::from(5000)),
+            ("add", add_params(3, 4)),
+            ("payload_echo", Value::from("pe")),
+            ("add", add_params(5, 6)),
+            ("encode_fails", Value::Nil),
+            ("fail_after_write", Value::Nil),
+            ("panics", Value::Nil),
+            ("no_such_function", Value::Nil),
+            ("later", Value::from(11)),
+            ("add", add_params(7, 8)),
+        ];
+        // All in one write, so the server reads them together.
+        let mut bytes = Vec::new();
+        for (i, (name, params)) in calls.iter().enumerate() {
+            let call = rpc_call(name, params.clone(), Value::from(i as u64 + 1));
+            bytes.extend_from_slice(&common::frame(&common::encode(&call)));
+        }
+        raw.send_bytes(&bytes).await;
+
+        let mut answers = HashMap::new();
+        let mut order = Vec::new();
+        for _ in 0..calls.len() {
+            let msg = raw.recv().await;
+            let id = msg["request_id"].as_u64().expect("a numeric request_id");
+            order.push(id);
+            answers.insert(id, msg);
+        }
+        let inline: Vec<u64> = order.iter().copied().filter(|&id| id != 11).collect();
+        assert_eq!(inline, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12], "{order:?}");
+
+        let result = |id: u64| {
+            let msg = &answers[&id];
+            assert_eq!(msg_type(msg), "rpc_response", "{msg}");
+            msg["result"].clone()
+        };
+        let error = |id: u64| {
+            let msg = &answers[&id];
+            assert_eq!(msg_type(msg), "rpc_error", "{msg}");
+            (
+                str_field(msg, "error_type").to_owned(),
+                str_field(msg, "error").to_owned(),
+            )
+        };
+        assert_eq!(result(1), Value::from(3));
+        assert_eq!(result(2), Value::from("x".repeat(10)));
+        let (kind, text) = error(3);
+        assert_eq!(kind, "Internal");
+        assert!(
+            text.starts_with("the answer could not be sent: frame of "),
+            "{text}"
+        );
+        assert_eq!(result(4), Value::from(7));
+        assert_eq!(result(5), Value::from("pe"));
+        assert_eq!(result(6), Value::from(11));
+        error(7);
+        assert_eq!(error(8).1, "failed after writing");
+        let (kind, text) = error(9);
+        assert_eq!(kind, "Internal");
+        assert!(text.contains("on purpose"), "{text}");
+        error(10);
+        assert_eq!(result(11), Value::from(11));
+        assert_eq!(result(12), Value::from(15));
+        assert_serves(&mut raw).await;
+    })
+    .await
+}

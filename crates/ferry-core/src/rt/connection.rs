@@ -2,7 +2,6 @@ use std::any::Any;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
-use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -264,6 +263,8 @@ struct Shared {
     close_flush: Duration,
     /// [`ConnectionConfig::busy_poll`].
     busy_poll: Duration,
+    /// The engine's frame limit, for answers encoded without the engine (see [`run_call`]).
+    max_frame: usize,
     handlers: TaskTracker,
 }
 
@@ -337,6 +338,7 @@ impl Connection {
     }
 
     fn from_stream_io(io: Io, router: Router, config: ConnectionConfig) -> Connection {
+        let max_frame = config.engine.max_frame;
         let shared = Arc::new(Shared {
             io,
             state: Mutex::new(State {
@@ -360,6 +362,7 @@ impl Connection {
             default_timeout: config.default_timeout,
             close_flush: config.close_flush,
             busy_poll: config.busy_poll,
+            max_frame,
             handlers: TaskTracker::new(),
         });
         match shared.io {
@@ -999,20 +1002,33 @@ fn on_frames(
     // Graceful shutdown waits for the calls of this read until they are answered.
     let running = (!calls.is_empty()).then(|| shared.handlers.token());
     // Handlers run without the state lock: one may call the peer back on this connection.
-    // Synchronous ones append their results to `results`, answered below in one go.
+    // Synchronous ones write their answers' frames into `results`, queued below in one go.
     ran.extend(calls.drain(..).map(|(rid, name, params)| {
         let outcome = run_call(shared, &rid, &name, params, results);
         (rid, name, outcome)
     }));
     let flushed = {
         let mut st = shared.state.lock();
+        // `results[..queued]` is queued; `results[..encoded]` holds the answers so far.
+        let (mut queued, mut encoded) = (0, 0);
         for (rid, name, outcome) in ran.drain(..) {
+            // The answers go out in the calls' order: the frames before another answer first.
+            if !matches!(outcome, Ran::Encoded(_)) && encoded > queued {
+                st.engine.queue_frames_from(&results[queued..encoded]);
+                queued = encoded;
+            }
             match outcome {
-                Ran::Encoded(range) => st.engine.respond(&rid, Ok(&results[range])),
+                Ran::Encoded(end) => encoded = end,
                 Ran::Value(result) => st.engine.respond(&rid, Ok(result.as_bytes())),
                 Ran::Done(outcome) => respond_call(&mut st.engine, &rid, &name, outcome),
                 Ran::Pending(fut, token) => pending.push((rid, name.into_owned(), fut, token)),
             }
+        }
+        // Usually every answer is here: the engine takes the buffer, with no copy.
+        if queued == 0 {
+            st.engine.queue_frames(results);
+        } else {
+            st.engine.queue_frames_from(&results[queued..]);
         }
         // Answers produced inline go out now, from this task: no hand-off to the writer.
         try_flush(&shared.io, &mut st)
@@ -1047,7 +1063,7 @@ struct Scratch {
     calls: Vec<IncomingCall<'static>>,
     /// Likewise, the calls of a read once run.
     ran: Vec<(RequestId, Cow<'static, str>, Ran)>,
-    /// The encoded results of the synchronous functions run for one read.
+    /// The answers of the synchronous functions run for one read, whole frames.
     results: Vec<u8>,
     /// Calls of one read that continue on their own task.
     pending: Vec<(
@@ -1062,8 +1078,8 @@ type CallOutcome =
     std::result::Result<std::result::Result<Payload, crate::Rejection>, Box<dyn Any + Send>>;
 
 enum Ran {
-    /// A synchronous function's result: these bytes of the scratch `results`.
-    Encoded(Range<usize>),
+    /// A synchronous function's answer: a whole frame in the scratch `results`, ending here.
+    Encoded(usize),
     /// A [`Router::payload_fn`]'s result, spliced into the answer as is.
     Value(Payload),
     Done(CallOutcome),
@@ -1083,7 +1099,9 @@ fn run_call(
     params: Cow<'_, [u8]>,
     results: &mut Vec<u8>,
 ) -> Ran {
-    let start = results.len();
+    // The answer's frame is begun before the function writes its result after it; any
+    // outcome but a result removes it again.
+    let at = crate::engine::begin_response(results, request_id);
     let ctx = || Context {
         connection: Connection {
             shared: shared.clone(),
@@ -1093,15 +1111,24 @@ fn run_call(
     let dispatched = std::panic::catch_unwind(AssertUnwindSafe(|| {
         shared.router.dispatch_into(name, params, ctx, results)
     }));
+    if !matches!(dispatched, Ok(Dispatched::Done(Ok(())))) {
+        results.truncate(at);
+    }
     let mut fut = match dispatched {
-        Ok(Dispatched::Done(Ok(()))) => return Ran::Encoded(start..results.len()),
+        Ok(Dispatched::Done(Ok(()))) => {
+            return match crate::engine::finish_response(shared.max_frame, results, at) {
+                Ok(()) => Ran::Encoded(results.len()),
+                // Removed from `results`: answered with the error instead, as `respond` does.
+                Err(e) => Ran::Done(Ok(Err(crate::Rejection::new(
+                    ErrorType::Internal,
+                    format!("the answer could not be sent: {e}"),
+                )))),
+            };
+        }
         Ok(Dispatched::Value(result)) => return Ran::Value(result),
         Ok(Dispatched::Done(Err(rejection))) => return Ran::Done(Ok(Err(rejection))),
         Ok(Dispatched::Future(fut)) => fut,
-        Err(panic) => {
-            results.truncate(start);
-            return Ran::Done(Err(panic));
-        }
+        Err(panic) => return Ran::Done(Err(panic)),
     };
     let token = shared.handlers.token();
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
