@@ -43,6 +43,8 @@ const PEERS: Peer[] = [
   { id: 'floor-tokio', label: 'floor: raw Rust tokio', server: rust('floor-server', 'tokio'), client: rust('floor-client', 'tokio'), quick: true },
   // The std floor's server, called the way ferry-client calls: a tokio task per call in flight.
   { key: true, id: 'floor-tasks', label: 'floor: Rust tokio, a task per call', server: rust('floor-server', 'std'), client: rust('floor-tasks'), quick: true },
+  // Node over the same raw echo server, with no protocol at all: the floor of any Node client.
+  { key: true, id: 'floor-node', label: 'floor: Node net, no protocol', server: rust('floor-server', 'std'), client: node('floor-node.cjs'), quick: true },
   { key: true, id: 'net-msgpackr', label: 'Node net + msgpackr (corked) → Rust', server: worker, client: node('net-msgpackr.cjs'), quick: true },
   // Opt-in busy-polling on both ends, against the pure-JS client to the same busy-polling worker.
   { id: 'ferry-busy', label: `Ferry: Node → Rust, both busy-poll ${BUSY_US} µs (opt-in)`, server: busyWorker, client: node('ferry.cjs', '--busy-poll-us', BUSY_US) },
@@ -266,6 +268,8 @@ function targets(results: Results) {
     }
     add('64 KiB echo, Ferry / net+msgpackr', ratio(get(placement, 'ferry', 'echo64k', 'mb_per_s'), get(placement, 'net-msgpackr', 'echo64k', 'mb_per_s')), '≥ 3', (r) => r >= 3)
     add('64 KiB echo, Ferry / raw std floor', ratio(get(placement, 'ferry', 'echo64k', 'mb_per_s'), get(placement, 'floor-std', 'echo64k', 'mb_per_s')), '≥ 0.5', (r) => r >= 0.5)
+    add('context: 64 KiB echo, Node floor / raw std floor', ratio(get(placement, 'floor-node', 'echo64k', 'mb_per_s'), get(placement, 'floor-std', 'echo64k', 'mb_per_s')), '—', null)
+    add('context: 64 KiB echo, Ferry / Node floor', ratio(get(placement, 'ferry', 'echo64k', 'mb_per_s'), get(placement, 'floor-node', 'echo64k', 'mb_per_s')), '—', null)
     add('p50 latency, ferry-core Rust→Rust / raw std floor', ratio(get(placement, 'ferry-rust', 'p50', 'p50_us'), get(placement, 'floor-std', 'p50', 'p50_us')), '≤ 1.5', (r) => r <= 1.5)
     add('calls/s (64), ferry-core Rust→Rust / raw std floor', ratio(get(placement, 'ferry-rust', 'tput64', 'calls_per_s'), get(placement, 'floor-std', 'tput64', 'calls_per_s')), '≥ 0.5', (r) => r >= 0.5)
     // Not a target: how close a client whose calls are tasks can come to the std floor at all.
