@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use ferry_core::router::{Context, HttpRequest, HttpResponse, Value};
-use ferry_core::{ConnectionConfig, IoMode, Rejection, Router, Server};
+use ferry_core::{ConnectionConfig, IoMode, MsgpackOut, Rejection, Router, Server};
 use serde::{de::IgnoredAny, Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -132,7 +132,7 @@ fn router() -> Router {
         })
         // The params go back byte for byte, never decoded, written straight from the read
         // buffer into the answer.
-        .msgpack_fn("echo", |params: &[u8], out: &mut Vec<u8>| {
+        .msgpack_fn("echo", |params: &[u8], out: &mut MsgpackOut<'_>| {
             out.extend_from_slice(params);
             Ok::<_, String>(())
         })

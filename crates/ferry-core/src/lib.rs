@@ -45,5 +45,5 @@ pub mod rt;
 pub use engine::{Deadline, EarlyWrites, Engine, EngineConfig, Event, InvokeOutcome, InvokeReply};
 pub use error::{Error, ErrorType, Result};
 pub use message::{Message, Payload, RequestId};
-pub use router::{Context, Rejection, Router};
-pub use rt::{CallOptions, Connection, ConnectionConfig, IoMode, Server};
+pub use router::{Context, MsgpackOut, Rejection, Router};
+pub use rt::{CallOptions, Connection, ConnectionConfig, EarlyWake, IoMode, Server};

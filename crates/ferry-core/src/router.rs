@@ -97,6 +97,80 @@ impl IntoRejection for std::convert::Infallible {
     }
 }
 
+/// Where a [`Router::msgpack_fn`] writes its result: the end of the buffer that holds the
+/// answers to one read, right after its own answer's header. It only appends (the bytes
+/// before the function's own belong to other answers), as `Vec<u8>` methods of the same
+/// names and as a [`std::io::Write`], so `rmp::encode` and `rmp_serde::encode::write` can
+/// write into it.
+#[derive(Debug)]
+pub struct MsgpackOut<'a> {
+    buf: &'a mut Vec<u8>,
+    start: usize,
+}
+
+impl MsgpackOut<'_> {
+    /// Appends bytes.
+    #[inline]
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Appends one byte.
+    #[inline]
+    pub fn push(&mut self, byte: u8) {
+        self.buf.push(byte);
+    }
+
+    /// Makes room for at least `additional` more bytes.
+    #[inline]
+    pub fn reserve(&mut self, additional: usize) {
+        self.buf.reserve(additional);
+    }
+
+    /// The bytes this function has written so far.
+    #[inline]
+    pub fn written(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// How many bytes this function has written so far.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Whether this function has written nothing yet.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the first `len` bytes this function wrote (no effect if it wrote fewer).
+    #[inline]
+    pub fn truncate(&mut self, len: usize) {
+        self.buf.truncate(self.start.saturating_add(len));
+    }
+}
+
+impl std::io::Write for MsgpackOut<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    #[inline]
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What a handler knows about the call it serves.
 #[derive(Clone)]
 pub struct Context {
@@ -355,7 +429,8 @@ impl Router {
 
     /// Registers a function over raw MessagePack that works in place: `f(params, out)` gets
     /// the params exactly as received (one validated value, borrowed from the read buffer
-    /// for the duration of the call) and appends its result, one MessagePack value, to `out`,
+    /// for the duration of the call) and writes its result, one MessagePack value, to `out`
+    /// (a [`MsgpackOut`]: appends only, straight into the frame that answers the call),
     /// which is answered as is. Nothing is copied or allocated for the call beyond what `f`
     /// writes, which makes it the cheapest way to move bytes (an echo, a transform of a
     /// binary, a lookup answered from memory). Use [`Router::payload_fn`] to keep the params
@@ -365,14 +440,15 @@ impl Router {
     pub fn msgpack_fn<E, F>(mut self, name: &str, f: F) -> Router
     where
         E: IntoRejection + Send + 'static,
-        F: Fn(&[u8], &mut Vec<u8>) -> Result<(), E> + Send + Sync + 'static,
+        F: Fn(&[u8], &mut MsgpackOut<'_>) -> Result<(), E> + Send + Sync + 'static,
     {
         let name_for_errors = name.to_owned();
         self.functions.insert(
             name.to_owned(),
             Function::Sync(Arc::new(move |params: &[u8], out: &mut Vec<u8>| {
                 let start = out.len();
-                let r = f(params, out).map_err(IntoRejection::into_rejection);
+                let r = f(params, &mut MsgpackOut { buf: out, start })
+                    .map_err(IntoRejection::into_rejection);
                 if r.is_ok() {
                     if let Err(e) = crate::message::validate_value(&out[start..]) {
                         out.truncate(start);

@@ -1,4 +1,4 @@
-//! A connection registered for reading only (`early_wake: false`) waits for room to write
+//! A connection registered for reading only (`early_wake: EarlyWake::Off`) waits for room to write
 //! through a duplicate descriptor. With no descriptor to spare, a full socket must still
 //! drain: the writer looks again every few milliseconds instead of ending the connection.
 //!
@@ -42,7 +42,7 @@ async fn a_full_socket_drains_without_a_descriptor_to_spare() {
     within(async {
         let server = TestServer::start(Router::new().raw_fn("echo", |_name, p| Ok(p))).await;
         let config = ConnectionConfig {
-            early_wake: false,
+            early_wake: ferry_core::EarlyWake::Off,
             ..ConnectionConfig::default()
         };
         let conn = Connection::connect_with(&server.path, Router::new(), config)

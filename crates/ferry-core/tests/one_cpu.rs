@@ -180,8 +180,8 @@ fn on_one_cpu_a_threads_reader_sleeps_once_per_call() {
     server.join().unwrap();
 }
 
-/// On one CPU, a [`IoMode::Reactor`] connection with the default `early_wake` is registered
-/// for reading only: the peer's reading of its calls does not wake the reactor (on one CPU,
+/// On one CPU, a [`IoMode::Reactor`] connection with the default `early_wake`
+/// ([`EarlyWake::Auto`](ferry_core::EarlyWake::Auto)) is registered for reading only: the peer's reading of its calls does not wake the reactor (on one CPU,
 /// two context switches per call for nothing), so a caller making one call after another
 /// sleeps once per call. Each round trip here lets the caller fall asleep before its call is
 /// read, and again before its answer is written.
@@ -190,7 +190,11 @@ fn on_one_cpu_a_reactor_caller_sleeps_once_per_call() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     pin_to_one_cpu();
     assert!(!runs_on_many_cpus());
-    assert!(ConnectionConfig::default().early_wake);
+    assert_eq!(
+        ConnectionConfig::default().early_wake,
+        ferry_core::EarlyWake::Auto
+    );
+    assert!(!ferry_core::EarlyWake::Auto.is_on());
 
     const N: u64 = 200;
     let (ours, theirs) = UnixStream::pair().unwrap();
@@ -255,11 +259,12 @@ fn on_one_cpu_a_reactor_caller_sleeps_once_per_call() {
     );
 }
 
-/// On one CPU, two [`IoMode::Threads`] connections (their readers waiting in `poll`) carry
-/// payloads larger than the socket and their read buffers, and many calls in flight, and each
-/// sees the other go away.
+/// On one CPU, two [`IoMode::Threads`] connections (their readers waiting in `poll`), and
+/// two [`IoMode::Reactor`] ones (registered for reading only, so a write that finds the
+/// socket full waits through a registration of its own), carry payloads larger than the
+/// socket and their read buffers, and many calls in flight, and each sees the other go away.
 #[test]
-fn on_one_cpu_threads_connections_carry_everything_and_see_hang_ups() {
+fn on_one_cpu_connections_carry_everything_and_see_hang_ups() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     pin_to_one_cpu();
     assert!(!runs_on_many_cpus());
@@ -268,56 +273,59 @@ fn on_one_cpu_threads_connections_carry_everything_and_see_hang_ups() {
         .build()
         .unwrap();
     common::on_own_thread(runtime, "the one-CPU connections got stuck", async {
-        let config = ConnectionConfig {
-            io: IoMode::Threads,
-            ..ConnectionConfig::default()
-        };
-        let router = || {
-            Router::new()
-                .sync_fn("inc", |n: u64| Ok::<_, String>(n + 1))
-                .sync_fn("echo", |v: Value| Ok::<_, String>(v))
-        };
-        let pair = || {
-            let (a, b) = tokio::net::UnixStream::pair().unwrap();
-            (
-                Connection::from_stream(a, router(), config.clone()),
-                Connection::from_stream(b, router(), config.clone()),
-            )
-        };
+        for io in [IoMode::Threads, IoMode::Reactor] {
+            let config = ConnectionConfig {
+                io,
+                ..ConnectionConfig::default()
+            };
+            let router = || {
+                Router::new()
+                    .sync_fn("inc", |n: u64| Ok::<_, String>(n + 1))
+                    .sync_fn("echo", |v: Value| Ok::<_, String>(v))
+            };
+            let pair = || {
+                let (a, b) = tokio::net::UnixStream::pair().unwrap();
+                (
+                    Connection::from_stream(a, router(), config.clone()),
+                    Connection::from_stream(b, router(), config.clone()),
+                )
+            };
 
-        let (server, client) = pair();
-        // Larger than the 64 KiB read buffer and than the socket: reads that fill the buffer,
-        // writers that wait for room.
-        common::echo_large_payloads(&client).await;
+            let (server, client) = pair();
+            // Larger than the 64 KiB read buffer and than the socket: reads that fill the buffer,
+            // writers that wait for room.
+            common::echo_large_payloads(&client).await;
 
-        let incs = (0..500u64).map(|n| {
-            let client = &client;
-            async move { assert_eq!(client.call::<_, u64>("inc", &n).await.unwrap(), n + 1) }
-        });
-        futures_util::future::join_all(incs).await;
-        // Both ways on one connection.
-        assert_eq!(server.call::<_, u64>("inc", &41u64).await.unwrap(), 42);
-        // The client goes: the server's reader sees it.
-        client.close();
-        server.closed().await;
-        // And every thread of both connections ends: none is left waiting in `poll`.
-        let deadline = std::time::Instant::now() + common::TEST_LIMIT;
-        while !threads_named("ferry-reader").is_empty() || !threads_named("ferry-writer").is_empty()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the connections' threads did not end"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            let incs = (0..500u64).map(|n| {
+                let client = &client;
+                async move { assert_eq!(client.call::<_, u64>("inc", &n).await.unwrap(), n + 1) }
+            });
+            futures_util::future::join_all(incs).await;
+            // Both ways on one connection.
+            assert_eq!(server.call::<_, u64>("inc", &41u64).await.unwrap(), 42);
+            // The client goes: the server's reader sees it.
+            client.close();
+            server.closed().await;
+            // And every thread of both connections ends: none is left waiting in `poll`.
+            let deadline = std::time::Instant::now() + common::TEST_LIMIT;
+            while !threads_named("ferry-reader").is_empty()
+                || !threads_named("ferry-writer").is_empty()
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the connections' threads did not end"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+
+            // The server goes while a call waits: the call ends, and the client's reader sees the
+            // hang-up.
+            let (server, client) = pair();
+            let (outcome, ()) = futures_util::join!(client.call::<_, u64>("inc", &1u64), async {
+                server.close()
+            });
+            assert!(matches!(outcome, Ok(2) | Err(_)), "{outcome:?}");
+            client.closed().await;
         }
-
-        // The server goes while a call waits: the call ends, and the client's reader sees the
-        // hang-up.
-        let (server, client) = pair();
-        let (outcome, ()) = futures_util::join!(client.call::<_, u64>("inc", &1u64), async {
-            server.close()
-        });
-        assert!(matches!(outcome, Ok(2) | Err(_)), "{outcome:?}");
-        client.closed().await;
     });
 }

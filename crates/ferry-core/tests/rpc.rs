@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::{within, TestServer};
 use ferry_core::router::{Context, HttpRequest, HttpResponse, Value};
 use ferry_core::{
-    CallOptions, Connection, ConnectionConfig, EngineConfig, Error, ErrorType, IoMode, Payload,
-    Rejection, Router,
+    CallOptions, Connection, ConnectionConfig, EngineConfig, Error, ErrorType, IoMode, MsgpackOut,
+    Payload, Rejection, Router,
 };
 use serde::{de::IgnoredAny, Deserialize};
 use serde_json::json;
@@ -85,32 +85,35 @@ fn worker_router() -> Router {
         })
         .raw_fn("raw_fail", |_name, _params| Err("raw failure".to_string()))
         .payload_fn("payload_echo", Ok::<_, String>)
-        .msgpack_fn("msgpack_echo", |p: &[u8], out: &mut Vec<u8>| {
+        .msgpack_fn("msgpack_echo", |p: &[u8], out: &mut MsgpackOut<'_>| {
             out.extend_from_slice(p);
             Ok::<_, String>(())
         })
         // Answers its params' length, or writes what its params say to test the checks.
-        .msgpack_fn("msgpack_write", |p: &[u8], out: &mut Vec<u8>| match p {
-            // "torn": a bin header announcing more bytes than follow.
-            [0xa4, b't', b'o', b'r', b'n'] => {
-                out.extend_from_slice(&[0xc4, 9, 1, 2]);
-                Ok(())
-            }
-            // "two": two values.
-            [0xa3, b't', b'w', b'o'] => {
-                out.extend_from_slice(&[0x01, 0x02]);
-                Ok(())
-            }
-            // "fail": an error after writing.
-            [0xa4, b'f', b'a', b'i', b'l'] => {
-                out.push(0x07);
-                Err(Rejection::new(ErrorType::InvalidParams, "no"))
-            }
-            _ => {
-                rmp::encode::write_uint(out, p.len() as u64).unwrap();
-                Ok(())
-            }
-        })
+        .msgpack_fn(
+            "msgpack_write",
+            |p: &[u8], out: &mut MsgpackOut<'_>| match p {
+                // "torn": a bin header announcing more bytes than follow.
+                [0xa4, b't', b'o', b'r', b'n'] => {
+                    out.extend_from_slice(&[0xc4, 9, 1, 2]);
+                    Ok(())
+                }
+                // "two": two values.
+                [0xa3, b't', b'w', b'o'] => {
+                    out.extend_from_slice(&[0x01, 0x02]);
+                    Ok(())
+                }
+                // "fail": an error after writing.
+                [0xa4, b'f', b'a', b'i', b'l'] => {
+                    out.push(0x07);
+                    Err(Rejection::new(ErrorType::InvalidParams, "no"))
+                }
+                _ => {
+                    rmp::encode::write_uint(out, p.len() as u64).unwrap();
+                    Ok(())
+                }
+            },
+        )
         .payload_fn("payload_len", |p: Payload| {
             if p.is_nil() {
                 return Err(Rejection::new(ErrorType::InvalidParams, "params required"));
@@ -373,7 +376,7 @@ async fn payloads_larger_than_the_socket_buffer_arrive_whole_both_ways() {
         let (server, _conn) = start().await;
         // Both ways of waiting for room: the socket registered for writing all along, or
         // only while a write waits.
-        for early_wake in [true, false] {
+        for early_wake in [ferry_core::EarlyWake::On, ferry_core::EarlyWake::Off] {
             let config = ConnectionConfig {
                 early_wake,
                 ..ConnectionConfig::default()

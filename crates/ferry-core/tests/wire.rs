@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{has_key, map, msg_type, str_field, within, RawClient, TestServer};
 use ferry_core::router::{Context, HttpRequest, HttpResponse, Value};
-use ferry_core::{CallOptions, Connection, ConnectionConfig, EngineConfig, Router};
+use ferry_core::{CallOptions, Connection, ConnectionConfig, EngineConfig, MsgpackOut, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, Notify};
@@ -423,9 +423,9 @@ async fn close_gives_up_on_a_peer_that_never_reads() {
     use tokio::io::AsyncWriteExt;
     within(async {
         let modes = [
-            (IoMode::Reactor, true),
-            (IoMode::Reactor, false),
-            (IoMode::Threads, true),
+            (IoMode::Reactor, ferry_core::EarlyWake::On),
+            (IoMode::Reactor, ferry_core::EarlyWake::Off),
+            (IoMode::Threads, ferry_core::EarlyWake::On),
         ];
         for (io, early_wake) in modes {
             let (router, _events) = wire_router();
@@ -461,11 +461,11 @@ async fn close_gives_up_on_a_peer_that_never_reads() {
             }
             assert!(
                 frames < 200,
-                "{io:?} (early_wake {early_wake}): all {frames} answers flushed to a peer that never read"
+                "{io:?} (early_wake {early_wake:?}): all {frames} answers flushed to a peer that never read"
             );
             assert!(
                 rest.len() - at < 4 + 64 * 1024 + 64,
-                "{io:?} (early_wake {early_wake}): only the last frame may be cut"
+                "{io:?} (early_wake {early_wake:?}): only the last frame may be cut"
             );
         }
     })
@@ -480,9 +480,9 @@ async fn close_gives_up_on_a_peer_that_reads_too_slowly() {
     use tokio::io::AsyncReadExt;
     within(async {
         let modes = [
-            (IoMode::Reactor, true),
-            (IoMode::Reactor, false),
-            (IoMode::Threads, true),
+            (IoMode::Reactor, ferry_core::EarlyWake::On),
+            (IoMode::Reactor, ferry_core::EarlyWake::Off),
+            (IoMode::Threads, ferry_core::EarlyWake::On),
         ];
         for (io, early_wake) in modes {
             let (router, _events) = wire_router();
@@ -511,7 +511,7 @@ async fn close_gives_up_on_a_peer_that_reads_too_slowly() {
             }
             assert!(
                 total < 8 << 20,
-                "{io:?} (early_wake {early_wake}): {total} bytes flushed to a slow reader"
+                "{io:?} (early_wake {early_wake:?}): {total} bytes flushed to a slow reader"
             );
         }
     })
@@ -1678,10 +1678,17 @@ async fn answers_to_one_read_keep_the_calls_order() {
                 panic!("on purpose")
             })
             .payload_fn("payload_echo", Ok::<_, String>)
-            .msgpack_fn("fail_after_write", |_: &[u8], out: &mut Vec<u8>| {
+            .msgpack_fn("fail_after_write", |_: &[u8], out: &mut MsgpackOut<'_>| {
                 out.extend_from_slice(&[0xc4, 3, 1]);
                 Err::<(), _>("failed after writing")
             })
+            .msgpack_fn(
+                "panic_after_write",
+                |_: &[u8], out: &mut MsgpackOut<'_>| -> Result<(), String> {
+                    out.extend_from_slice(&[0xc4, 3, 1]);
+                    panic!("on purpose, after writing")
+                },
+            )
             .async_fn("later", |n: u64| async move {
                 tokio::task::yield_now().await;
                 Ok::<_, String>(n)
@@ -1702,6 +1709,8 @@ async fn answers_to_one_read_keep_the_calls_order() {
             ("no_such_function", Value::Nil),
             ("later", Value::from(11)),
             ("add", add_params(7, 8)),
+            ("panic_after_write", Value::Nil),
+            ("add", add_params(9, 10)),
         ];
         // All in one write, so the server reads them together.
         let mut bytes = Vec::new();
@@ -1720,7 +1729,11 @@ async fn answers_to_one_read_keep_the_calls_order() {
             answers.insert(id, msg);
         }
         let inline: Vec<u64> = order.iter().copied().filter(|&id| id != 11).collect();
-        assert_eq!(inline, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12], "{order:?}");
+        assert_eq!(
+            inline,
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14],
+            "{order:?}"
+        );
 
         let result = |id: u64| {
             let msg = &answers[&id];
@@ -1754,6 +1767,38 @@ async fn answers_to_one_read_keep_the_calls_order() {
         error(10);
         assert_eq!(result(11), Value::from(11));
         assert_eq!(result(12), Value::from(15));
+        let (kind, text) = error(13);
+        assert_eq!(kind, "Internal");
+        assert!(text.contains("after writing"), "{text}");
+        assert_eq!(result(14), Value::from(19));
+
+        // A read whose first answer is made elsewhere (a `payload_fn`'s value), then only
+        // answers written in place: those join the engine's queue behind it.
+        let mut bytes = Vec::new();
+        let batch = [
+            ("payload_echo", Value::from("first")),
+            ("add", add_params(1, 1)),
+            ("add", add_params(2, 2)),
+        ];
+        for (i, (name, params)) in batch.iter().enumerate() {
+            let call = rpc_call(name, params.clone(), Value::from(i as u64 + 100));
+            bytes.extend_from_slice(&common::frame(&common::encode(&call)));
+        }
+        raw.send_bytes(&bytes).await;
+        let mut got = Vec::new();
+        for _ in 0..batch.len() {
+            let msg = raw.recv().await;
+            assert_eq!(msg_type(&msg), "rpc_response", "{msg}");
+            got.push((msg["request_id"].as_u64().unwrap(), msg["result"].clone()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (100, Value::from("first")),
+                (101, Value::from(2)),
+                (102, Value::from(4)),
+            ]
+        );
         assert_serves(&mut raw).await;
     })
     .await

@@ -96,19 +96,11 @@ pub struct ConnectionConfig {
     /// not read (or reads too slowly), from the close, before it gives up and shuts the
     /// socket. Default: 5 s.
     pub close_flush: Duration,
-    /// With [`IoMode::Reactor`]: keep the socket registered for writing as well as reading,
-    /// as tokio's own streams are, so the reactor also wakes each time the peer reads what we
-    /// sent. That wake-up finds nothing to do, but it tells an idle core that an answer is on
-    /// its way: on a machine whose idle cores wake slowly it is awake when the answer comes.
-    /// Measured on a 2-core VM (docs/benchmarks.md), unpinned: 10-25% lower latency and up to
-    /// 40% more small calls per second. In a process that may run on one CPU only
-    /// ([`runs_on_many_cpus`](crate::engine::runs_on_many_cpus)) there is no idle core to
-    /// wake, only two context switches per call for nothing (a quarter of a Rust caller's
-    /// sequential latency against a Node server, both on one core), so there the socket is
-    /// registered for reading only whatever this says. `false` registers for reading only (and
-    /// for writing only while a write waits for room), like libuv's streams, everywhere.
-    /// Default: `true`.
-    pub early_wake: bool,
+    /// With [`IoMode::Reactor`]: whether the socket is registered for writing as well as
+    /// reading, so that the reactor also wakes when the peer reads what we sent (see
+    /// [`EarlyWake`]). Default: [`EarlyWake::Auto`], on when this process may run on more
+    /// than one CPU.
+    pub early_wake: EarlyWake,
     /// Busy-polling: before the connection's reader waits for the socket after it had
     /// something to do, it keeps checking the socket for up to this long (or until the
     /// connection is closed), yielding the CPU
@@ -130,8 +122,42 @@ impl Default for ConnectionConfig {
             default_timeout: Some(Duration::from_secs(30)),
             io: IoMode::Reactor,
             close_flush: Duration::from_secs(5),
-            early_wake: true,
+            early_wake: EarlyWake::Auto,
             busy_poll: Duration::ZERO,
+        }
+    }
+}
+
+/// Whether an [`IoMode::Reactor`] connection keeps its socket registered for writing as well
+/// as reading, as tokio's own streams do ([`ConnectionConfig::early_wake`]). The reactor then
+/// also wakes each time the peer reads what we sent. That wake-up finds nothing to do, but it
+/// tells an idle core that an answer is on its way: on a machine whose idle cores wake slowly
+/// it is awake when the answer comes. Measured on a 2-core VM (docs/benchmarks.md),
+/// unpinned: 10-25% lower latency and up to 40% more small calls per second. With both
+/// processes on one core there is no idle core to wake, only two context switches per call
+/// for nothing (a Rust caller's sequential latency against a Node server, both on one core,
+/// went 10.4 -> 8.7 µs without them), and large payloads gained about 15% without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EarlyWake {
+    /// [`EarlyWake::On`] when this process may run on more than one CPU
+    /// ([`runs_on_many_cpus`](crate::engine::runs_on_many_cpus)), else [`EarlyWake::Off`].
+    /// The default.
+    #[default]
+    Auto,
+    /// Registered for reading and writing.
+    On,
+    /// Registered for reading only (and for writing only while a write waits for room), like
+    /// libuv's streams.
+    Off,
+}
+
+impl EarlyWake {
+    /// Whether the socket is registered for writing too, in this process.
+    pub fn is_on(self) -> bool {
+        match self {
+            EarlyWake::Auto => crate::engine::runs_on_many_cpus(),
+            EarlyWake::On => true,
+            EarlyWake::Off => false,
         }
     }
 }
@@ -232,7 +258,7 @@ impl State {
 /// The socket, as each [`IoMode`] uses it.
 enum Io {
     /// Non-blocking, registered with tokio's reactor for reading, and for writing too when
-    /// `writable` ([`ConnectionConfig::early_wake`]); otherwise writes that the socket cannot
+    /// `writable` ([`EarlyWake::is_on`]); otherwise writes that the socket cannot
     /// take wait for room through a registration of their own (see [`wait_writable`]).
     Reactor {
         fd: AsyncFd<std::os::unix::net::UnixStream>,
@@ -307,8 +333,7 @@ impl Connection {
     /// Runs the protocol over an already-connected stream. Must be called inside a tokio
     /// runtime with I/O enabled.
     pub fn from_stream(stream: UnixStream, router: Router, config: ConnectionConfig) -> Connection {
-        // No idle core to wake on one CPU (see `early_wake`).
-        let early_wake = config.early_wake && crate::engine::runs_on_many_cpus();
+        let early_wake = config.early_wake.is_on();
         let io = match config.io {
             IoMode::Reactor => reactor_io(stream, early_wake),
             // The reactor's registration goes with `stream`; the threads use a duplicate,
@@ -1012,8 +1037,9 @@ fn on_frames(
         // `results[..queued]` is queued; `results[..encoded]` holds the answers so far.
         let (mut queued, mut encoded) = (0, 0);
         for (rid, name, outcome) in ran.drain(..) {
-            // The answers go out in the calls' order: the frames before another answer first.
-            if !matches!(outcome, Ran::Encoded(_)) && encoded > queued {
+            // The answers go out in the calls' order: the frames before another answer first
+            // (a pending call answers later anyway).
+            if matches!(outcome, Ran::Value(_) | Ran::Done(_)) && encoded > queued {
                 st.engine.queue_frames_from(&results[queued..encoded]);
                 queued = encoded;
             }
@@ -1089,7 +1115,7 @@ enum Ran {
 }
 
 /// Starts an `rpc_call` on the router, right here: a synchronous function runs at once and
-/// leaves its encoded result in `results` (no future, no allocation); an asynchronous one is
+/// leaves its answer, a whole frame, at the end of `results` (no future, no allocation); an asynchronous one is
 /// polled once, so those that finish at once (most small ones) are answered inline too, with
 /// no task spawned and no thread hand-off; the others continue on their own task.
 fn run_call(

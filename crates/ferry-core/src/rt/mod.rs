@@ -12,5 +12,5 @@
 mod connection;
 mod server;
 
-pub use connection::{CallOptions, Connection, ConnectionConfig, IoMode};
+pub use connection::{CallOptions, Connection, ConnectionConfig, EarlyWake, IoMode};
 pub use server::Server;
