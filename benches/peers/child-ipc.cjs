@@ -11,7 +11,7 @@
 
 const { fork } = require('node:child_process')
 const path = require('node:path')
-const { runClient, BaseClient } = require('./common.cjs')
+const { runClient, BaseClient, ALL_BUT_MEMORY } = require('./common.cjs')
 
 class Client extends BaseClient {
   constructor(child) {
@@ -55,13 +55,7 @@ function connect(o) {
 
 let echoMode
 runClient({
-  scenarios: {
-    latency: true,
-    throughput: true,
-    echo: true,
-    first: true,
-    memory: 'memory is measured only for clients of the Rust worker',
-  },
+  scenarios: ALL_BUT_MEMORY,
   connect(o) {
     echoMode = serialization(o)
     return connect(o)

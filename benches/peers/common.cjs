@@ -167,6 +167,15 @@ function fail(e) {
   process.exit(1)
 }
 
+/** The scenarios of a client that is not a client of the Rust worker: all but memory. */
+const ALL_BUT_MEMORY = Object.freeze({
+  latency: true,
+  throughput: true,
+  echo: true,
+  first: true,
+  memory: 'memory is measured only for clients of the Rust worker',
+})
+
 async function runClient(spec) {
   let o
   try {
@@ -390,6 +399,7 @@ function connectUnix(path, make) {
 }
 
 module.exports = {
+  ALL_BUT_MEMORY,
   BaseClient,
   connectUnix,
   MB,

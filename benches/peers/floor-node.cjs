@@ -11,7 +11,7 @@
 //     payload is written from the caller's Buffer, with no copy.
 // Scenarios: latency, throughput, echo, first (memory is measured for clients of the worker).
 
-const { runClient, connectUnix, FrameReader } = require('./common.cjs')
+const { runClient, connectUnix, FrameReader, ALL_BUT_MEMORY } = require('./common.cjs')
 
 const SMALL = Buffer.alloc(24)
 for (let i = 0; i < SMALL.length; i++) SMALL[i] = (i % 251) ^ 0x5a
@@ -91,12 +91,6 @@ class Client {
 }
 
 runClient({
-  scenarios: {
-    latency: true,
-    throughput: true,
-    echo: true,
-    first: true,
-    memory: 'memory is measured only for clients of the Rust worker',
-  },
+  scenarios: ALL_BUT_MEMORY,
   connect: (o) => connectUnix(o.socket, (socket) => new Client(socket)),
 })

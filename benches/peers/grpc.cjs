@@ -6,7 +6,7 @@
 
 const grpc = require('@grpc/grpc-js')
 const { service, channelOptions } = require('./grpc-service.cjs')
-const { runClient } = require('./common.cjs')
+const { runClient, ALL_BUT_MEMORY } = require('./common.cjs')
 
 const Bench = grpc.makeGenericClientConstructor(service, 'Bench')
 const methods = { add: 'Add', echo: 'Echo' }
@@ -22,12 +22,6 @@ function connect(o) {
 }
 
 runClient({
-  scenarios: {
-    latency: true,
-    throughput: true,
-    echo: true,
-    first: true,
-    memory: 'memory is measured only for clients of the Rust worker',
-  },
+  scenarios: ALL_BUT_MEMORY,
   connect,
 })

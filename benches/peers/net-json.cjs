@@ -7,7 +7,7 @@
 // binary type: echo sends its payload as a base64 string (the size reported is the raw bytes).
 // Scenarios: latency, throughput, echo, first (memory is skipped).
 
-const { runClient, BaseClient, connectUnix, FrameReader, FrameWriter } = require('./common.cjs')
+const { runClient, BaseClient, connectUnix, FrameReader, FrameWriter, ALL_BUT_MEMORY } = require('./common.cjs')
 
 class Client extends BaseClient {
   constructor(socket) {
@@ -44,13 +44,7 @@ function connect(o) {
 }
 
 runClient({
-  scenarios: {
-    latency: true,
-    throughput: true,
-    echo: true,
-    first: true,
-    memory: 'memory is measured only for clients of the Rust worker',
-  },
+  scenarios: ALL_BUT_MEMORY,
   connect,
   echo: {
     params: (buf) => buf.toString('base64'),

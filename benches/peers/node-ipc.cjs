@@ -9,7 +9,7 @@
 // Scenarios: latency, throughput, first (echo and memory are skipped).
 
 const ipc = require('node-ipc').default
-const { runClient, BaseClient } = require('./common.cjs')
+const { runClient, BaseClient, ALL_BUT_MEMORY } = require('./common.cjs')
 
 const SERVER_ID = 'ferry-bench'
 
@@ -54,11 +54,8 @@ function connect(o) {
 
 runClient({
   scenarios: {
-    latency: true,
-    throughput: true,
+    ...ALL_BUT_MEMORY,
     echo: 'node-ipc carries JSON text events; binary echo is covered by net-json (base64)',
-    first: true,
-    memory: 'memory is measured only for clients of the Rust worker',
   },
   connect,
 })

@@ -12,7 +12,7 @@
 // Scenarios: latency, throughput, echo, first (memory is skipped).
 
 const { Client, Pool } = require('undici')
-const { runClient } = require('./common.cjs')
+const { runClient, ALL_BUT_MEMORY } = require('./common.cjs')
 
 const ORIGIN = 'http://localhost' // only the Host header; the connection goes to socketPath
 const JSON_TYPE = { 'content-type': 'application/json' }
@@ -60,12 +60,6 @@ function connect(o) {
 }
 
 runClient({
-  scenarios: {
-    latency: true,
-    throughput: true,
-    echo: true,
-    first: true,
-    memory: 'memory is measured only for clients of the Rust worker',
-  },
+  scenarios: ALL_BUT_MEMORY,
   connect,
 })
