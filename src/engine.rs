@@ -49,6 +49,10 @@ const BATCH_HEADER: usize = 5;
 /// A result this large makes `process` size its batch for the whole read at once.
 const LARGE_RESULT: usize = 16 * 1024;
 
+/// Binary params of at least this many bytes are written from the caller's Buffer, at once,
+/// instead of copied into the turn's frames (when nothing else waits to be written).
+const WRITE_IN_PLACE: usize = 16 * 1024;
+
 /// Bits of the status returned by `process`.
 const STATUS_INCOMING: u32 = 1;
 const STATUS_FATAL: u32 = 2;
@@ -86,6 +90,9 @@ pub struct NativeEngine {
     calls: Slab<RequestId>,
     invokes: Slab<InvokeReply>,
     spare: Vec<u8>,
+    /// The end of a frame whose params are written from the caller's memory (see
+    /// `call_interned_bin`), kept between calls.
+    rest: Vec<u8>,
     /// Why the last `call`/`invoke` failed before it was queued (it returned 0).
     last_error: Option<CoreError>,
     fatal: Option<String>,
@@ -176,6 +183,7 @@ impl NativeEngine {
             calls: Slab::new(),
             invokes: Slab::new(),
             spare: Vec::new(),
+            rest: Vec::new(),
             last_error: None,
             fatal: None,
             socket: None,
@@ -364,10 +372,55 @@ impl NativeEngine {
             ))));
         };
         let deadline = Self::deadline(timeout_ms);
+        if bytes.len() >= WRITE_IN_PLACE && self.can_write_now() {
+            let mut rest = std::mem::take(&mut self.rest);
+            rest.clear();
+            let r = self.engine.call_split_with_id(
+                &self.names[name_id],
+                &[head],
+                bytes,
+                &mut rest,
+                deadline,
+            );
+            if r.is_ok() {
+                self.write_now(&[bytes, &rest]);
+            }
+            self.rest = rest;
+            return Some(self.call_queued(r, deadline));
+        }
         let r = self
             .engine
             .call_parts_with_id(&self.names[name_id], &[head, bytes], deadline);
         Some(self.call_queued(r, deadline))
+    }
+
+    /// Whether frames can be written from this call, ahead of the turn's end: the socket
+    /// is open and not ending, has nothing waiting to be written, and no write failed.
+    fn can_write_now(&self) -> bool {
+        self.write_failed.is_none()
+            && self
+                .socket
+                .as_ref()
+                .is_some_and(|s| !s.ending && !s.has_unwritten())
+    }
+
+    /// Writes what the engine has queued, then `after` (the rest of its last frame, which
+    /// the engine left to the caller), from where they lie. A failure is kept for the turn's
+    /// end to report, as with an early flush.
+    fn write_now(&mut self, after: &[&[u8]]) {
+        let Some(s) = self.socket.as_mut() else {
+            return;
+        };
+        let out = self.engine.take_output(std::mem::take(&mut self.spare));
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + after.len());
+        parts.push(&out);
+        parts.extend_from_slice(after);
+        if let Err(e) = s.write_parts::<NativeEngine>(&parts) {
+            self.write_failed = Some(e);
+        }
+        // The turn's end reports a failed write and holds the process open for the rest.
+        s.arm::<NativeEngine>();
+        self.spare = out;
     }
 
     fn call_queued(

@@ -289,6 +289,35 @@ impl NativeSocket {
         Ok(())
     }
 
+    /// Writes `parts` in order with one `sendmsg`, straight from where they lie, when nothing
+    /// is waiting to be written; whatever the socket does not take is copied to `wbuf` and
+    /// written once the socket has room, as with [`NativeSocket::write_pending`].
+    pub fn write_parts<D: Driver>(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        debug_assert!(!self.has_unwritten());
+        let iov: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut sent = loop {
+            match self.sock.send_vectored_with_flags(&iov, SEND_FLAGS) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                Err(e) => return Err(e),
+            }
+        };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if sent == total {
+            return Ok(());
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        self.wbuf.reserve(total - sent);
+        for part in parts {
+            let skip = sent.min(part.len());
+            sent -= skip;
+            self.wbuf.extend_from_slice(&part[skip..]);
+        }
+        self.write_pending::<D>()
+    }
+
     /// Whether bytes are still waiting to be written.
     pub fn has_unwritten(&self) -> bool {
         self.wpos < self.wbuf.len()

@@ -648,6 +648,52 @@ impl<T> Engine<T> {
             .map_err(|(e, _)| (e, id))
     }
 
+    /// [`Engine::call_parts_with_id`] for params whose last part the driver sends itself,
+    /// from where it lies, rather than have it copied into the output: the frame is queued up
+    /// to that part (`external`, which is not read), and the bytes that follow it in the
+    /// frame (the call's request_id) are written to `rest`. The driver must then send, in
+    /// this order and before anything else is queued, the output ([`Engine::take_output`]),
+    /// `external` and `rest`. The frame limit applies to the whole frame, as for any call.
+    pub fn call_split_with_id(
+        &mut self,
+        function_name: &str,
+        params_head: &[&[u8]],
+        external: &[u8],
+        rest: &mut Vec<u8>,
+        deadline: Option<Deadline>,
+    ) -> Result<u64, (Error, u64)>
+    where
+        T: From<u64>,
+    {
+        let id = self.next_id;
+        if let Some(e) = self.closed_error() {
+            return Err((e, id));
+        }
+        let rid = RequestId::Int(id);
+        let tail_at = rest.len();
+        message::encode_rpc_call_tail(rest, &rid);
+        let at = begin_frame(&mut self.out);
+        message::encode_rpc_call_head(&mut self.out, function_name);
+        for part in params_head {
+            self.out.extend_from_slice(part);
+        }
+        let len =
+            self.out.len() - at - crate::frame::HEADER_LEN + external.len() + rest.len() - tail_at;
+        if len > self.config.max_frame || len > u32::MAX as usize {
+            self.out.truncate(at);
+            rest.truncate(tail_at);
+            let e = Error::FrameTooLarge {
+                len,
+                max: self.config.max_frame,
+            };
+            return Err((e, id));
+        }
+        self.out[at..at + crate::frame::HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+        self.next_id += 1;
+        self.register(id, Kind::Call, deadline, T::from(id));
+        Ok(id)
+    }
+
     /// Queues an `invoke_handler` whose token is its own id.
     pub fn invoke_with_id(
         &mut self,
@@ -1184,6 +1230,57 @@ mod tests {
         ));
         assert!(!small.has_output());
         assert_eq!(small.pending_len(), 0);
+    }
+
+    #[test]
+    fn a_split_call_sends_the_same_frame_as_a_whole_one() {
+        let bytes: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut head = [0; 5];
+        let head = message::bin_header(bytes.len(), &mut head).unwrap();
+        let mut whole: Engine<u64> = Engine::new(EngineConfig::default());
+        let mut split: Engine<u64> = Engine::new(EngineConfig::default());
+        // A call queued before: the split call's frame follows it.
+        for e in [&mut whole, &mut split] {
+            assert!(matches!(e.call_with_id("first", &[0xc0], None), Ok(1)));
+        }
+        assert!(matches!(
+            whole.call_parts_with_id("echo", &[head, &bytes], None),
+            Ok(2)
+        ));
+        let mut rest = vec![0xee]; // appended to, not replaced
+        assert!(matches!(
+            split.call_split_with_id("echo", &[head], &bytes, &mut rest, None),
+            Ok(2)
+        ));
+        assert_eq!(split.pending_len(), 2);
+        let sent = [
+            split.take_output(Vec::new()),
+            bytes.clone(),
+            rest[1..].to_vec(),
+        ]
+        .concat();
+        assert_eq!(whole.take_output(Vec::new()), sent);
+        // The next call gets the next id.
+        assert!(matches!(split.call_with_id("next", &[0xc0], None), Ok(3)));
+
+        // The frame limit holds for the whole frame; nothing is queued or kept.
+        let mut small: Engine<u64> = Engine::new(EngineConfig {
+            max_frame: bytes.len() + 16,
+            ..EngineConfig::default()
+        });
+        let mut rest = Vec::new();
+        assert!(matches!(
+            small.call_split_with_id("echo", &[head], &bytes, &mut rest, None),
+            Err((Error::FrameTooLarge { .. }, 1))
+        ));
+        assert!(!small.has_output() && rest.is_empty());
+        assert_eq!(small.pending_len(), 0);
+        // A closed engine queues nothing.
+        small.close(None);
+        assert!(small
+            .call_split_with_id("echo", &[head], &bytes[..10], &mut rest, None)
+            .is_err());
+        assert!(!small.has_output() && rest.is_empty());
     }
 
     /// An engine with the frame decoder a driver gives it; its events come out owned.

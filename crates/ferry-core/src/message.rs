@@ -1070,12 +1070,23 @@ pub fn encode_rpc_call_parts(
     params: &[&[u8]],
     request_id: &RequestId,
 ) {
-    out.extend_from_slice(CALL_HEAD);
-    w_str(out, function_name);
-    out.extend_from_slice(b"\xa6params");
+    encode_rpc_call_head(out, function_name);
     for part in params {
         out.extend_from_slice(part);
     }
+    encode_rpc_call_tail(out, request_id);
+}
+
+/// Writes an `rpc_call` body up to its params: the params (one MessagePack value) follow,
+/// then [`encode_rpc_call_tail`].
+pub fn encode_rpc_call_head(out: &mut Vec<u8>, function_name: &str) {
+    out.extend_from_slice(CALL_HEAD);
+    w_str(out, function_name);
+    out.extend_from_slice(b"\xa6params");
+}
+
+/// Writes the end of an `rpc_call` body, after its params: its request_id.
+pub fn encode_rpc_call_tail(out: &mut Vec<u8>, request_id: &RequestId) {
     out.extend_from_slice(b"\xaarequest_id");
     w_id(out, request_id);
 }
