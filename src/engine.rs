@@ -383,7 +383,7 @@ impl NativeEngine {
                 deadline,
             );
             if r.is_ok() {
-                self.write_now(&[bytes, &rest]);
+                self.write_now(bytes, &rest);
             }
             self.rest = rest;
             return Some(self.call_queued(r, deadline));
@@ -404,18 +404,15 @@ impl NativeEngine {
                 .is_some_and(|s| !s.ending && !s.has_unwritten())
     }
 
-    /// Writes what the engine has queued, then `after` (the rest of its last frame, which
-    /// the engine left to the caller), from where they lie. A failure is kept for the turn's
-    /// end to report, as with an early flush.
-    fn write_now(&mut self, after: &[&[u8]]) {
+    /// Writes what the engine has queued, then `payload` and `rest` (the rest of its last
+    /// frame, which the engine left to the caller), from where they lie. A failure is kept
+    /// for the turn's end to report, as with an early flush.
+    fn write_now(&mut self, payload: &[u8], rest: &[u8]) {
         let Some(s) = self.socket.as_mut() else {
             return;
         };
         let out = self.engine.take_output(std::mem::take(&mut self.spare));
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + after.len());
-        parts.push(&out);
-        parts.extend_from_slice(after);
-        if let Err(e) = s.write_parts::<NativeEngine>(&parts) {
+        if let Err(e) = s.write_parts::<NativeEngine, 3>([&out, payload, rest]) {
             self.write_failed = Some(e);
         }
         // The turn's end reports a failed write and holds the process open for the rest.

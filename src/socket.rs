@@ -292,9 +292,9 @@ impl NativeSocket {
     /// Writes `parts` in order with one `sendmsg`, straight from where they lie, when nothing
     /// is waiting to be written; whatever the socket does not take is copied to `wbuf` and
     /// written once the socket has room, as with [`NativeSocket::write_pending`].
-    pub fn write_parts<D: Driver>(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+    pub fn write_parts<D: Driver, const N: usize>(&mut self, parts: [&[u8]; N]) -> io::Result<()> {
         debug_assert!(!self.has_unwritten());
-        let iov: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let iov = parts.map(io::IoSlice::new);
         let mut sent = loop {
             match self.sock.send_vectored_with_flags(&iov, SEND_FLAGS) {
                 Ok(n) => break n,
