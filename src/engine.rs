@@ -49,8 +49,9 @@ const BATCH_HEADER: usize = 5;
 /// A result this large makes `process` size its batch for the whole read at once.
 const LARGE_RESULT: usize = 16 * 1024;
 
-/// Binary params of at least this many bytes are written from the caller's Buffer, at once,
-/// instead of copied into the turn's frames (when nothing else waits to be written).
+/// Binary params and JS handlers' binary results of at least this many bytes are written from
+/// the caller's Buffer, at once, instead of copied into the turn's frames (when nothing else
+/// waits to be written).
 const WRITE_IN_PLACE: usize = 16 * 1024;
 
 /// Bits of the status returned by `process`.
@@ -717,11 +718,18 @@ impl NativeEngine {
 
     /// Answers the peer's call `token` with the MessagePack `bin` of `bytes` (a Buffer or
     /// Uint8Array a JS handler returned, which msgpackr would encode the same way), copied
-    /// once, straight into the frame.
+    /// once, straight into the frame, or from 16 KiB written from where it lies when the
+    /// socket has nothing else waiting (as large params are).
     pub(crate) fn reply_bin(&mut self, token: u32, bytes: &[u8]) -> Result<()> {
         let id = self.take_call(token)?;
         let mut head = [0u8; 5];
         match ferry_core::message::bin_header(bytes.len(), &mut head) {
+            // Large, and the socket free: written from the caller's memory, now.
+            Some(head) if bytes.len() >= WRITE_IN_PLACE && self.can_write_now() => {
+                if self.engine.respond_split(&id, &[head], bytes) {
+                    self.write_now(bytes, &[]);
+                }
+            }
             Some(head) => self.engine.respond_parts(&id, &[head, bytes]),
             None => {
                 let msg = format!("a binary of {} bytes is too long", bytes.len());

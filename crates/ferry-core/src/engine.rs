@@ -851,6 +851,42 @@ impl<T> Engine<T> {
         }
     }
 
+    /// [`Engine::respond_parts`] for a result whose last part the driver sends itself, from
+    /// where it lies, rather than have it copied into the output: the answer's frame is
+    /// queued up to that part (`external`, which is not read). Returns whether the driver
+    /// must now send `external`, right after the output ([`Engine::take_output`]) and before
+    /// anything else is queued. `false` when the engine is closed (nothing queued) or the
+    /// whole answer is over the frame limit (an `Internal` error is queued instead, as
+    /// [`Engine::respond_parts`] would).
+    pub fn respond_split(
+        &mut self,
+        request_id: &RequestId,
+        result_head: &[&[u8]],
+        external: &[u8],
+    ) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        let at = begin_frame(&mut self.out);
+        message::encode_rpc_response_head(&mut self.out, request_id);
+        for part in result_head {
+            self.out.extend_from_slice(part);
+        }
+        let len = self.out.len() - at - crate::frame::HEADER_LEN + external.len();
+        if len > self.config.max_frame || len > u32::MAX as usize {
+            self.out.truncate(at);
+            let e = Error::FrameTooLarge {
+                len,
+                max: self.config.max_frame,
+            };
+            let msg = format!("the answer could not be sent: {e}");
+            let _ = self.frame(|out| message::encode_rpc_error(out, request_id, &msg, "Internal"));
+            return false;
+        }
+        self.out[at..at + crate::frame::HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+        true
+    }
+
     /// Answers the peer's `invoke_handler`. Answers to invocations without a request_id are
     /// sent in the order the invocations arrived.
     pub fn respond_invoke(&mut self, reply: InvokeReply, outcome: InvokeOutcome<'_>) {
@@ -1281,6 +1317,37 @@ mod tests {
             .call_split_with_id("echo", &[head], &bytes[..10], &mut rest, None)
             .is_err());
         assert!(!small.has_output() && rest.is_empty());
+    }
+
+    #[test]
+    fn a_split_answer_sends_the_same_frame_as_a_whole_one() {
+        let bytes: Vec<u8> = (0..70_000u32).map(|i| (i % 241) as u8).collect();
+        let mut head = [0; 5];
+        let head = message::bin_header(bytes.len(), &mut head).unwrap();
+        let rid = RequestId::Int(7);
+        let mut whole: Engine<u64> = Engine::new(EngineConfig::default());
+        let mut split: Engine<u64> = Engine::new(EngineConfig::default());
+        whole.respond_parts(&rid, &[head, &bytes]);
+        assert!(split.respond_split(&rid, &[head], &bytes));
+        let sent = [split.take_output(Vec::new()), bytes.clone()].concat();
+        assert_eq!(whole.take_output(Vec::new()), sent);
+
+        // Over the frame limit: the same Internal error as a whole answer's, and nothing to send.
+        let config = EngineConfig {
+            max_frame: bytes.len(),
+            ..EngineConfig::default()
+        };
+        let mut whole: Engine<u64> = Engine::new(config.clone());
+        let mut split: Engine<u64> = Engine::new(config);
+        whole.respond_parts(&rid, &[head, &bytes]);
+        assert!(!split.respond_split(&rid, &[head], &bytes));
+        let error = split.take_output(Vec::new());
+        assert!(!error.is_empty());
+        assert_eq!(whole.take_output(Vec::new()), error);
+        // Closed: nothing.
+        split.close(None);
+        assert!(!split.respond_split(&rid, &[head], &bytes));
+        assert!(!split.has_output());
     }
 
     /// An engine with the frame decoder a driver gives it; its events come out owned.
