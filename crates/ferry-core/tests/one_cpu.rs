@@ -195,12 +195,31 @@ fn on_one_cpu_a_reactor_caller_sleeps_once_per_call() {
         ferry_core::EarlyWake::Auto
     );
     assert!(!ferry_core::EarlyWake::Auto.is_on());
+    let n = 200;
+    let switches = caller_sleeps(ferry_core::EarlyWake::Auto, n);
+    assert!(
+        switches <= n + n / 4,
+        "the caller slept {switches} times in {n} round trips"
+    );
+    // Asked for explicitly, the wake-up stays, one CPU or not: the peer's read of each call
+    // wakes the caller once more.
+    let switches = caller_sleeps(ferry_core::EarlyWake::On, n);
+    assert!(
+        switches >= n + n / 2,
+        "with EarlyWake::On the caller slept only {switches} times in {n} round trips"
+    );
+}
 
-    const N: u64 = 200;
+/// How many times a caller on a current-thread runtime, making `n` + 1 calls one after
+/// another over a Reactor connection with `early_wake`, went to sleep between its wait for
+/// answer 1 and its wait for answer `n`, counted after the peer let it fall asleep before
+/// reading each call and again before answering it (`n` - 1 sleeps, plus any after a read).
+fn caller_sleeps(early_wake: ferry_core::EarlyWake, n: u64) -> u64 {
     let (ours, theirs) = UnixStream::pair().unwrap();
     theirs.set_nonblocking(true).unwrap();
+    let name = format!("caller-{early_wake:?}");
     let caller = std::thread::Builder::new()
-        .name("ferry-caller".into())
+        .name(name.clone())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -208,17 +227,20 @@ fn on_one_cpu_a_reactor_caller_sleeps_once_per_call() {
                 .unwrap();
             runtime.block_on(async move {
                 let stream = tokio::net::UnixStream::from_std(theirs).unwrap();
-                let conn =
-                    Connection::from_stream(stream, Router::new(), ConnectionConfig::default());
-                for n in 0..=N {
-                    assert_eq!(conn.call::<_, u64>("inc", &n).await.unwrap(), n + 1);
+                let config = ConnectionConfig {
+                    early_wake,
+                    ..ConnectionConfig::default()
+                };
+                let conn = Connection::from_stream(stream, Router::new(), config);
+                for i in 0..=n {
+                    assert_eq!(conn.call::<_, u64>("inc", &i).await.unwrap(), i + 1);
                 }
             })
         })
         .unwrap();
     let tid = loop {
         // The thread is named before it runs; wait until /proc shows it.
-        if let Some(t) = threads_named("ferry-caller").pop() {
+        if let Some(t) = threads_named(&name).pop() {
             break t;
         }
         assert!(!caller.is_finished(), "the caller ended early");
@@ -228,35 +250,29 @@ fn on_one_cpu_a_reactor_caller_sleeps_once_per_call() {
     sock.set_read_timeout(Some(common::TEST_LIMIT)).unwrap();
 
     let (mut before, mut after) = (0, 0);
-    for n in 0..=N {
+    for i in 0..=n {
         wait_readable(&sock);
         // The call is here, unread; the caller waits for its answer.
         wait_asleep(&tid);
-        if n == 1 {
+        if i == 1 {
             before = voluntary_switches(&tid);
         }
         let call = answer(&mut sock);
-        assert_eq!(call["params"], Value::from(n));
+        assert_eq!(call["params"], Value::from(i));
         // A caller woken by that read runs, finds nothing and sleeps again, which counts.
         wait_asleep(&tid);
-        if n == N {
+        if i == n {
             after = voluntary_switches(&tid);
         }
         let reply = map(vec![
             ("type", Value::from("rpc_response")),
             ("request_id", call["request_id"].clone()),
-            ("result", Value::from(n + 1)),
+            ("result", Value::from(i + 1)),
         ]);
         sock.write_all(&frame(&encode(&reply))).unwrap();
     }
     caller.join().unwrap();
-    // From the caller's wait for answer 1 to its wait for answer N: N - 1 sleeps, plus any
-    // after the peer read a call.
-    let switches = after - before;
-    assert!(
-        switches <= N + N / 4,
-        "the caller slept {switches} times in {N} round trips"
-    );
+    after - before
 }
 
 /// On one CPU, two [`IoMode::Threads`] connections (their readers waiting in `poll`), and
