@@ -481,6 +481,32 @@ test('large binary params of every header size echo back whole from the worker',
   t.true(((await client.call('echo', shared)) as Buffer).equals(Buffer.alloc(4096, 5)))
 })
 
+test('large binary calls made after the peer went away end with CONNECTION_LOST, written in place or queued', async (t) => {
+  const { dir, cleanup } = tempDir()
+  t.teardown(cleanup)
+  const path = join(dir, 'gone.sock')
+  let peerSocket: Socket | undefined
+  const connected = new Promise<void>((resolve) => {
+    const peer = createServer((s) => {
+      peerSocket = s
+      resolve()
+    })
+    peer.listen(path)
+    t.teardown(() => peer.close())
+  })
+  const c = await RpcClient.connect(path)
+  await connected
+  // Gone before the client's loop has seen it: the first call writes its Buffer in place
+  // into a socket whose peer is closed; the second finds that write failed and is queued.
+  peerSocket!.destroy()
+  const calls = [c.call('echo', Buffer.alloc(65536, 1)), c.call('echo', Buffer.alloc(100_000, 2))]
+  for (const call of calls) {
+    const e = await t.throwsAsync(call, { instanceOf: RpcError })
+    t.is(e?.code, 'ERR_FERRY_CONNECTION_LOST')
+  }
+  t.true(c.closed)
+})
+
 test('a binary param over the frame limit is refused before sending, and the client goes on', async (t) => {
   const small = await RpcClient.connect(worker.socket, { maxFrameBytes: 4096 })
   t.teardown(() => small.close())
